@@ -1,0 +1,7 @@
+"""``python -m adaptext ...`` is the same as ``adaptext ...``."""
+
+import sys
+
+from adaptext.cli import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""The plain functions behind every CLI command: train, evaluate, predict_file."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptext import artifacts, config, data, models
+from adaptext.card import model_card
+from adaptext.errors import AdaptextError
+from adaptext.metrics import classification_metrics, format_report, save_confusion_png
+from adaptext.predict import load
+from adaptext.train import pick_device, predict_logits, resolve_precision, seed_everything, tokenize, train_loop
+
+LIBRARIES = ("adaptext", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "scikit-learn")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class TrainOutcome:
+    output: Path
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def resolve_config(cfg: config.TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> config.TrainConfig:
+    if cfg is None:
+        cfg = config.TrainConfig()
+    elif isinstance(cfg, dict):
+        cfg = config.from_dict(cfg)
+    if overrides:
+        cfg = config.from_dict({**cfg.to_dict(), **overrides}, source="arguments")
+    return config.validate(cfg)
+
+
+def train(
+    cfg: config.TrainConfig | dict[str, Any] | None = None,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    **overrides: Any,
+) -> TrainOutcome:
+    """Fine-tune, evaluate and save. Returns the output directory and its metrics."""
+    cfg = resolve_config(cfg, **overrides)
+    if cfg.output is None:
+        cfg.output = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        Path("runs").mkdir(exist_ok=True)
+    output = artifacts.check_output(cfg.output, cfg.overwrite)
+    seed_everything(cfg.seed)
+    models.quiet_transformers()
+
+    source = models.resolve_model(cfg.model)
+    dataset = data.load_training_data(cfg)
+    sizes = ", ".join(f"{k} {len(v):,}" for k, v in dataset.splits.items())
+    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {', '.join(dataset.class_names[:12])}")
+    for note in dataset.notes:
+        echo(f"data: {note}")
+
+    tokenizer = models.load_tokenizer(source)
+    id2label = dict(enumerate(dataset.class_names))
+    model, head_modules = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id)
+    fingerprint = artifacts.base_fingerprint(model)
+    model, targets = models.prepare(model, cfg, head_modules)
+    params = models.count_params(model, head_modules)
+    echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
+    echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
+    if cfg.method == "lora":
+        echo(
+            f"lora: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}"
+            + (f" layers {cfg.layers}" if cfg.layers else "")
+        )
+    echo(
+        f"trainable: {params.adapter:,} adapter + {params.head:,} head = {params.trainable:,} "
+        f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
+    )
+
+    encoded = {name: tokenize(tokenizer, split.texts, cfg.max_length) for name, split in dataset.splits.items()}
+    device = pick_device()
+    model.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    echo(
+        f"train: {len(encoded['train']):,} examples x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"lr {cfg.resolved_lr():g}, {precision} on {device.type}"
+    )
+
+    with artifacts.staged_dir(output) as staging:
+        result = train_loop(
+            model,
+            encoded["train"],
+            dataset.splits["train"].labels,
+            encoded["validation"],
+            dataset.splits["validation"].labels,
+            dataset.class_names,
+            tokenizer.pad_token_id,
+            cfg,
+            staging / "train_log.jsonl",
+            progress,
+        )
+        metrics: dict[str, Any] = {"history": result.history, "best": result.best}
+        eval_batch = max(cfg.batch_size, 64)
+        for split in ("validation", "test"):
+            if split in encoded:
+                logits = predict_logits(model, encoded[split], tokenizer.pad_token_id, eval_batch, precision, device)
+                metrics[split] = classification_metrics(dataset.splits[split].labels, logits, dataset.class_names)
+        metrics["train"] = {
+            "seconds": round(result.train_seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 2),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "precision": precision,
+            "device": device.type,
+        }
+        meta = {
+            "format_version": artifacts.FORMAT_VERSION,
+            "method": cfg.method,
+            "base_model": source.to_dict(),
+            "base_fingerprint": fingerprint,
+            "head_modules": head_modules,
+            "target_modules": targets,
+            "params": params.to_dict(),
+            "lr": cfg.resolved_lr(),
+            "class_names": dataset.class_names,
+            "pad_token_id": tokenizer.pad_token_id,
+            "config": cfg.to_dict(),
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
+        artifacts.write_json(
+            staging / artifacts.LABELS_FILE, artifacts.label_map(dataset.class_names, tokenizer.pad_token_id)
+        )
+        artifacts.write_json(staging / artifacts.META_FILE, meta)
+        artifacts.write_json(staging / "metrics.json", metrics)
+        (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
+        final = metrics.get("test") or metrics["validation"]
+        save_confusion_png(
+            final["confusion_matrix"],
+            dataset.class_names,
+            staging / "confusion_matrix.png",
+            f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
+        )
+        if cfg.tensorboard:
+            _tensorboard(staging, result.history)
+    for split in ("validation", "test"):
+        if split in metrics:
+            echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
+    echo(f"saved: {output}")
+    return TrainOutcome(output, metrics, meta)
+
+
+def _tensorboard(folder: Path, history: list[dict[str, Any]]) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise AdaptextError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
+    writer = SummaryWriter(str(folder / "runs"))
+    for record in history:
+        for key in ("loss", "accuracy", "macro_f1"):
+            writer.add_scalar(f"validation/{key}", record[key], record["step"])
+    writer.close()
+
+
+def evaluate(
+    model_dir: str | Path,
+    data_spec: str | None = None,
+    split: str | None = None,
+    text_column: list[str] | None = None,
+    label_column: str | None = None,
+    batch_size: int = 64,
+    save: str | Path | None = None,
+    data_subset: str | None = None,
+    encoding: str = "utf-8",
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained model on a split or file (default: the data it was trained on, test split)."""
+    classifier = load(model_dir, batch_size=batch_size)
+    cfg = classifier.loaded.meta["config"]
+    spec = data_spec or cfg.get("data") or str(data.demo_data_dir())
+    split_data = data.load_eval_split(
+        spec,
+        split,
+        classifier.class_names,
+        text_column or cfg.get("text_column"),
+        label_column or cfg.get("label_column"),
+        data_subset,
+        encoding,
+    )
+    if limit is not None:
+        split_data = data.stratified_sample(split_data, limit, cfg.get("seed", 42))
+    logits = classifier.logits(split_data.texts)
+    metrics = classification_metrics(split_data.labels, logits, classifier.class_names)
+    if save is not None:
+        out = Path(save)
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out / "eval_metrics.json", metrics)
+        save_confusion_png(metrics["confusion_matrix"], classifier.class_names, out / "confusion_matrix.png")
+    return metrics

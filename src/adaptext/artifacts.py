@@ -1,0 +1,231 @@
+"""Write and read the output directory: a standard PEFT adapter directory plus adaptext's metadata.
+
+Layout (method lora)::
+
+    adapter_config.json, adapter_model.safetensors   # plain peft loads these (head included)
+    tokenizer files, labels.json, adaptext.json       # label map; base model, resolved config
+    metrics.json, train_log.jsonl, README.md          # results, per-step log, model card
+
+Everything is written into a hidden sibling directory and renamed into place at the end, so a
+crash or a bad input never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptext.errors import AdaptextError
+from adaptext.models import ModelSource, load_classifier, load_tokenizer, resolve_model
+
+FORMAT_VERSION = 1
+META_FILE = "adaptext.json"
+LABELS_FILE = "labels.json"
+HEAD_FILE = "head_model.safetensors"
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an existing directory unless asked; fail before any training is done."""
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AdaptextError(f"output {str(path)!r} exists and is a file; choose another --output")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise AdaptextError(f"output directory {str(path)!r} already exists; pass --overwrite to replace it")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise AdaptextError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise AdaptextError(f"cannot write {str(path)!r}: folder {str(parent)!r} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(output: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``output``; on success swap it into place, on failure delete it."""
+    output = output.resolve()
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+        os.replace(output, old / "dir")
+    os.replace(staging, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def label_map(class_names: list[str], pad_token_id: int) -> dict[str, Any]:
+    return {
+        "id2label": {str(i): n for i, n in enumerate(class_names)},
+        "label2id": {n: i for i, n in enumerate(class_names)},
+        "num_labels": len(class_names),
+        "problem_type": "single_label_classification",
+        "pad_token_id": pad_token_id,
+    }
+
+
+def save_model(model: nn.Module, tokenizer: Any, folder: Path, method: str, head_modules: list[str]) -> None:
+    """Weights in safetensors only: a PEFT adapter (+head), the head alone, or the full model."""
+    if method == "lora":
+        model.save_pretrained(folder)
+        # peft writes a stub README; adaptext writes its own model card later.
+        (folder / "README.md").unlink(missing_ok=True)
+    elif method == "head":
+        from safetensors.torch import save_file
+
+        state = {
+            n: p.detach().contiguous()
+            for n, p in model.named_parameters()
+            if any(n.startswith(h + ".") for h in head_modules)
+        }
+        save_file(state, str(folder / HEAD_FILE))
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@dataclass
+class LoadedModel:
+    """A trained classifier ready for inference."""
+
+    model: nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    class_names: list[str]
+    folder: Path
+
+    @property
+    def max_length(self) -> int:
+        return int(self.meta["config"]["max_length"])
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    meta_path = folder / META_FILE
+    if not folder.is_dir():
+        raise AdaptextError(f"model directory {str(folder)!r} not found; pass the --output of adaptext train")
+    if not meta_path.is_file():
+        raise AdaptextError(
+            f"{str(folder)!r} is not an adaptext output directory (no {META_FILE}); "
+            "pass a directory written by adaptext train"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdaptextError(f"{meta_path} is corrupt; retrain or restore it") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdaptextError(f"{folder} was written by a newer adaptext; upgrade adaptext to load it")
+    return meta
+
+
+def _base_source(meta: dict[str, Any]) -> ModelSource:
+    """The base model on this machine: alias first, then the recorded path, then the Hub id."""
+    base = meta["base_model"]
+    for candidate in (base["name"], base["path"], base.get("hub_id")):
+        if not candidate:
+            continue
+        try:
+            return resolve_model(candidate)
+        except AdaptextError:
+            continue
+    raise AdaptextError(f"base model {base['name']!r} of this adapter is not available here; install or download it")
+
+
+def load_model(
+    folder: str | Path, device: torch.device | None = None, merge: bool = True, base: str | None = None
+) -> LoadedModel:
+    """Reload a trained classifier. ``merge`` folds LoRA into the weights for faster inference."""
+    folder = Path(folder).expanduser()
+    meta = read_meta(folder)
+    labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+    class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+    method = meta["method"]
+    source = resolve_model(base) if base else _base_source(meta)
+    tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
+    id2label = dict(enumerate(class_names))
+    if method == "full":
+        model, _ = load_classifier(
+            ModelSource(str(folder), str(folder), None), len(class_names), id2label, labels["pad_token_id"]
+        )
+    else:
+        model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"])
+        _check_same_base(model, meta, source)
+        if method == "lora":
+            model = _attach_adapter(model, folder, merge)
+        else:
+            _load_head(model, folder)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model, tokenizer, meta, class_names, folder)
+
+
+def _check_same_base(model: nn.Module, meta: dict[str, Any], source: ModelSource) -> None:
+    expected = meta.get("base_fingerprint", {})
+    actual = base_fingerprint(model)
+    for key, value in expected.items():
+        if actual.get(key) != value:
+            raise AdaptextError(
+                f"base model {source.name!r} does not match the one this adapter was trained on "
+                f"({key}: {actual.get(key)} here, {value} at training); pass the right base with --base"
+            )
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+    }
+
+
+def _attach_adapter(model: nn.Module, folder: Path, merge: bool) -> nn.Module:
+    from peft import PeftModel
+
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise AdaptextError(f"{folder} has no adapter_model.safetensors; only safetensors weights are loaded")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise AdaptextError(f"adapter in {folder} does not fit its base model ({first}); retrain it") from None
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _load_head(model: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / HEAD_FILE
+    if not path.is_file():
+        raise AdaptextError(f"{folder} has no {HEAD_FILE}; retrain it")
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params or params[name].shape != value.shape:
+            raise AdaptextError(f"head weights in {folder} do not fit the base model ({name}); retrain it")
+        with torch.no_grad():
+            params[name].copy_(value)

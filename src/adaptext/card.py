@@ -1,0 +1,107 @@
+"""The model card (README.md) written next to every trained model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
+    cfg = meta["config"]
+    base = meta["base_model"]
+    base_id = base.get("hub_id") or base["name"]
+    dataset = cfg.get("data") or "adaptext built-in news-headline demo set"
+    final = metrics.get("test") or metrics.get("validation") or {}
+    split = "test" if metrics.get("test") else "validation"
+    header = {
+        "base_model": base_id,
+        "library_name": "peft" if meta["method"] == "lora" else "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["adaptext", "text-classification", meta["method"]],
+        "datasets": [dataset],
+        "metrics": ["accuracy", "f1"],
+        "model-index": [
+            {
+                "name": folder_name,
+                "results": [
+                    {
+                        "task": {"type": "text-classification"},
+                        "dataset": {"name": dataset, "type": dataset, "split": split},
+                        "metrics": [
+                            {"type": "accuracy", "value": round(final.get("accuracy", 0.0), 4)},
+                            {"type": "f1", "name": "macro F1", "value": round(final.get("macro_f1", 0.0), 4)},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    params = meta["params"]
+    rows = "\n".join(
+        f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['weighted_f1']:.4f} | {m['loss']:.4f} | {m['n']} |"
+        for name, m in (("validation", metrics.get("validation")), ("test", metrics.get("test")))
+        if m
+    )
+    labels = ", ".join(meta["class_names"])
+    num_labels = len(meta["class_names"])
+    peft_snippet = ""
+    if meta["method"] == "lora":
+        peft_snippet = f"""
+With plain `peft` + `transformers` (no adaptext needed):
+
+```python
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    "{folder_name}", num_labels={num_labels}, pad_token_id={meta["pad_token_id"]})
+tokenizer = AutoTokenizer.from_pretrained("{folder_name}")
+logits = model(**tokenizer(["your text"], return_tensors="pt")).logits
+```
+The adapter's `base_model_name_or_path` is `{base["path"]}`; on another machine load the base
+(`{base_id}`) with `AutoModelForSequenceClassification.from_pretrained(..., num_labels={num_labels})`
+and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.
+"""
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False).strip()}
+---
+
+# {folder_name}
+
+A {meta["method"].upper() if meta["method"] == "lora" else meta["method"]} text classifier fine-tuned from
+`{base_id}` with [adaptext](https://pypi.org/project/adaptext/) on `{dataset}`.
+
+Labels ({num_labels}): {labels}
+
+## Results
+
+| split | accuracy | macro F1 | weighted F1 | loss | n |
+|---|---|---|---|---|---|
+{rows}
+
+Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = {params["trainable"]:,}
+({params["trainable_percent"]:.3f}% of {params["total"]:,}). Training took {metrics["train"]["seconds"]:.1f} s
+({metrics["train"]["samples_per_second"]:.1f} samples/s, precision {metrics["train"]["precision"]}).
+
+## Training configuration
+
+method {meta["method"]}, target modules {", ".join(meta.get("target_modules") or []) or "-"},
+r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, lr={meta["lr"]}, epochs={cfg["epochs"]},
+batch size {cfg["batch_size"]}, max length {cfg["max_length"]}, scheduler {cfg["scheduler"]}, seed {cfg["seed"]}.
+Newly initialised modules trained and saved with the adapter: {", ".join(meta["head_modules"]) or "-"}.
+The full resolved configuration is in `run_config.yaml`; re-run it with
+`adaptext train --config {folder_name}/run_config.yaml --output NEW_DIR`.
+
+## Usage
+
+```bash
+adaptext predict --model {folder_name} "your text here"
+```
+
+```python
+import adaptext
+clf = adaptext.load("{folder_name}")
+print(clf.predict(["your text here"]))
+```
+{peft_snippet}"""

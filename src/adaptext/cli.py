@@ -1,0 +1,227 @@
+"""Command line: a table of subcommands mapped to the plain functions in adaptext.api."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from adaptext import config
+from adaptext.errors import AdaptextError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
+    for f in dataclasses.fields(config.TrainConfig):
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kwargs["type"] = _int_list if "int" in kind else _str_list
+            kwargs["metavar"] = "A,B"
+        else:
+            kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _str_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _str_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adaptext import api
+
+    values = config.load_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")})
+    outcome = api.train(config.from_dict(values, source=args.config or "arguments"), progress=not args.quiet)
+    if args.command == "demo" or not values.get("data"):
+        _show_samples(outcome.output)
+    return 0
+
+
+def _show_samples(output: Path) -> None:
+    from adaptext import data
+    from adaptext.predict import load
+
+    texts = data.load_eval_split(str(data.demo_data_dir()), "test", load_labels(output), None, None).texts[:5]
+    for row, text in zip(load(output).predict(texts), texts):
+        print(f"  {row['label']:<10} {row['score']:.2f}  {text[:90]}")
+
+
+def load_labels(output: Path) -> list[str]:
+    labels = json.loads((output / "labels.json").read_text(encoding="utf-8"))
+    return [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from adaptext import api
+    from adaptext.metrics import format_report
+
+    metrics = api.evaluate(
+        args.model,
+        args.data,
+        args.split,
+        args.text_column,
+        args.label_column,
+        args.batch_size,
+        args.save,
+        args.data_subset,
+        args.encoding,
+        args.limit,
+    )
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_report(metrics))
+    return 0
+
+
+def _read_input_texts(path: str, text_column: list[str] | None) -> list[str]:
+    from adaptext import data
+
+    table = data.read_table(Path(path))
+    frame = table.frame
+    columns = text_column or [
+        data._pick_column(frame, None, data.TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    ]
+    for column in columns:
+        data._pick_column(frame, column, data.TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    return data._texts(frame, columns, table.origin)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from adaptext.predict import load
+
+    if args.texts and args.input:
+        raise AdaptextError("give texts as arguments or --input FILE, not both")
+    if args.input:
+        texts = _read_input_texts(args.input, args.text_column)
+    elif args.texts:
+        texts = args.texts
+    else:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    classifier = load(args.model, batch_size=args.batch_size, precision=args.precision)
+    results = classifier.predict(texts, top_k=args.top_k)
+    if args.output:
+        write_predictions(Path(args.output), texts, results, classifier.class_names)
+        print(f"wrote {len(results)} predictions to {args.output}")
+    elif args.json:
+        for text, row in zip(texts, results):
+            print(json.dumps({"text": text, **row}, ensure_ascii=False))
+    else:
+        for text, row in zip(texts, results):
+            extra = "  ".join(f"{t['label']}={t['score']:.3f}" for t in row["top_k"][1:])
+            print(f"{row['label']}\t{row['score']:.4f}\t{text[:100]}" + (f"\t{extra}" if extra else ""))
+    return 0
+
+
+def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> None:
+    """CSV (label, score, prob_<class>...) or JSONL by extension, written atomically."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise AdaptextError(f"--output {path}: use a .csv or .jsonl file name")
+    if not path.resolve().parent.is_dir():
+        raise AdaptextError(f"--output {path}: folder {path.resolve().parent} does not exist")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as handle:
+            if suffix == ".csv":
+                writer = csv.writer(handle)
+                writer.writerow(["text", "label", "score", *(f"prob_{n}" for n in class_names)])
+                for text, row in zip(texts, results):
+                    writer.writerow(
+                        [
+                            text,
+                            row["label"],
+                            f"{row['score']:.6f}",
+                            *(f"{row['probabilities'][n]:.6f}" for n in class_names),
+                        ]
+                    )
+            else:
+                for text, row in zip(texts, results):
+                    handle.write(json.dumps({"text": text, **row}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptext", description="Fine-tune transformers for text classification with LoRA, evaluate, and predict."
+    )
+    from adaptext import __version__
+
+    parser.add_argument("--version", action="version", version=f"adaptext {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (
+        ("train", "fine-tune a model (no --data: the built-in demo set)"),
+        ("demo", "train on the built-in news-headline set and show predictions"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_config_flags(p)
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on a split or file")
+    p.add_argument("--model", required=True, help="output directory of adaptext train")
+    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--data-subset", help="Hub dataset configuration name")
+    p.add_argument("--split", help="split to evaluate (default: test, else validation)")
+    p.add_argument("--text-column", type=_str_list)
+    p.add_argument("--label-column")
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--limit", type=int, help="evaluate a stratified sample of this many examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--save", help="also write eval_metrics.json and confusion_matrix.png into this folder")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify texts (arguments, stdin lines, or --input FILE)")
+    p.add_argument("--model", required=True, help="output directory of adaptext train")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
+    p.add_argument("--input", help="CSV/TSV/JSONL/Parquet file with a text column")
+    p.add_argument("--text-column", type=_str_list)
+    p.add_argument("--output", help="write predictions to this .csv or .jsonl file")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    p.add_argument("--json", action="store_true", help="one JSON object per text on stdout")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
+    try:
+        return args.func(args)
+    except AdaptextError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Load labelled text from Hub datasets, local files or split directories into plain Python lists.
+
+Everything downstream sees a :class:`TextDataset`: per split a list of texts and a list of label
+ids, plus the class names in label order. All input problems are caught here, with a message that
+names the file, the rows and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from adaptext.errors import AdaptextError
+
+EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
+LABEL_CANDIDATES = ("label", "labels", "class", "category", "target", "sentiment", "y")
+# A text this long is a broken file, not a document: refuse it instead of tokenising megabytes.
+MAX_TEXT_CHARS = 1_000_000
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class TextDataset:
+    """Labelled splits with a shared label space."""
+
+    splits: dict[str, Split]
+    class_names: list[str]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class _Table:
+    frame: pd.DataFrame
+    class_names: list[str] | None
+    origin: str
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _read_classes_json(folder: Path) -> list[str] | None:
+    path = folder / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdaptextError(f"{path} is not valid JSON; fix it or remove it") from None
+    names = value.get("names") if isinstance(value, dict) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise AdaptextError(f'{path} must be {{"names": [...]}} or a JSON list of class names')
+    return names
+
+
+def read_table(path: Path, encoding: str = "utf-8") -> _Table:
+    """Read one file into a DataFrame, with class names from Parquet metadata or classes.json."""
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise AdaptextError(f"{path}: unsupported file type {suffix or '(none)'}; use one of {', '.join(EXTENSIONS)}")
+    class_names = None
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if b"class_names" in meta:
+                class_names = json.loads(meta[b"class_names"])
+            frame = table.to_pandas()
+        elif suffix in (".csv", ".tsv"):
+            # Only truly empty cells are missing: a text that reads "NA" or "null" is still text.
+            sep, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+            frame = pd.read_csv(
+                path,
+                sep=sep,
+                quoting=quoting,
+                encoding=encoding,
+                keep_default_na=False,
+                na_values=[""],
+            )
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+        else:
+            try:
+                frame = pd.read_json(path, encoding=encoding, dtype=False)
+            except ValueError:
+                frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+    except UnicodeDecodeError as exc:
+        raise AdaptextError(
+            f"{path} is not valid {encoding} (bad byte at position {exc.start}); "
+            "re-save it as UTF-8 or pass --encoding (e.g. latin-1)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise AdaptextError(f"{path} is empty; give a file with a header row and examples") from None
+    except FileNotFoundError:
+        raise AdaptextError(f"{path} not found; check the path") from None
+    except Exception as exc:  # pandas/pyarrow raise many parser error types
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise AdaptextError(f"{path} could not be parsed as {suffix[1:]} ({first}); fix the file") from None
+    return _Table(frame, class_names or _read_classes_json(path.parent), str(path))
+
+
+def find_split_files(folder: Path) -> dict[str, Path]:
+    """Map split name -> file for a folder like ../shared/data/ag_news (train.parquet, test.parquet)."""
+    found: dict[str, Path] = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            for ext in EXTENSIONS:
+                candidate = folder / f"{alias}{ext}"
+                if candidate.is_file() and split not in found:
+                    found[split] = candidate
+    return found
+
+
+def _load_hub(name: str, subset: str | None) -> dict[str, _Table]:
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(name, subset)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise AdaptextError(
+            f"cannot load dataset {name!r}: it is not a local file or directory and the Hugging Face "
+            f"Hub could not provide it ({first}); check the name or pass a local path"
+        ) from None
+    tables = {}
+    for split_name, split in loaded.items():
+        names = None
+        for feature in split.features.values():
+            if type(feature).__name__ == "ClassLabel":
+                names = list(feature.names)
+        tables[split_name] = _Table(split.to_pandas(), names, f"{name}[{split_name}]")
+    return tables
+
+
+def load_tables(spec: str, subset: str | None = None, encoding: str = "utf-8") -> dict[str, _Table]:
+    """Resolve ``--data``: directory of split files, single file (as 'train'), or Hub dataset."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = find_split_files(path)
+        if not files:
+            raise AdaptextError(
+                f"{path} holds no split files; expected train.* (and optionally validation.*, "
+                f"test.*) with one of {', '.join(EXTENSIONS)}"
+            )
+        return {split: read_table(file, encoding) for split, file in files.items()}
+    if path.is_file():
+        return {"train": read_table(path, encoding)}
+    if path.suffix.lower() in EXTENSIONS or spec.startswith((".", "/", "~")):
+        raise AdaptextError(f"data file {spec!r} not found; check the path given to --data")
+    return _load_hub(spec, subset)
+
+
+# ---------------------------------------------------------------- columns and labels
+
+
+def _pick_column(
+    frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str, flag: str, origin: str
+) -> str:
+    columns = [str(c) for c in frame.columns]
+    if wanted is not None:
+        if wanted not in columns:
+            raise AdaptextError(f"{origin}: no {what} column {wanted!r} (columns: {', '.join(columns)}); fix {flag}")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise AdaptextError(
+        f"{origin}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); pass {flag}"
+    )
+
+
+def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
+    parts = []
+    for column in columns:
+        values = frame[column].tolist()
+        bad = [
+            i
+            for i, v in enumerate(values)
+            if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+        ]
+        if bad:
+            raise AdaptextError(
+                f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
+                f"{bad[0]}); remove or fill those rows"
+            )
+        parts.append([v if isinstance(v, str) else str(v) for v in values])
+    texts = [" ".join(row) for row in zip(*parts)]
+    for i, text in enumerate(texts):
+        if len(text) > MAX_TEXT_CHARS:
+            raise AdaptextError(
+                f"{origin}: row {i} is {len(text):,} characters long (limit {MAX_TEXT_CHARS:,}); "
+                "that is not one document: check the file's quoting and separators"
+            )
+    return texts
+
+
+def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
+    values = frame[column].tolist()
+    bad = [
+        i
+        for i, v in enumerate(values)
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+    ]
+    if bad:
+        raise AdaptextError(
+            f"{origin}: {len(bad)} row(s) have no label in {column!r} (first at row {bad[0]}); "
+            "remove or label those rows"
+        )
+    out = []
+    for v in values:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if hasattr(v, "item"):  # numpy scalar
+            v = v.item()
+        if isinstance(v, float):
+            raise AdaptextError(
+                f"{origin}: label {v!r} in {column!r} is not a class; classification needs integer or string labels"
+            )
+        if isinstance(v, (list, dict)):
+            raise AdaptextError(f"{origin}: label {v!r} in {column!r} is not a single class")
+        out.append(v.strip() if isinstance(v, str) else v)
+    return out
+
+
+def build_label_names(raw: list[Any], declared: list[str] | None, origin: str) -> list[str]:
+    """Class names in label order: declared names if any, else the sorted distinct labels."""
+    if declared:
+        return list(declared)
+    distinct = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
+    return [str(v) for v in distinct]
+
+
+def encode_labels(
+    raw: list[Any], class_names: list[str], declared: bool, origin: str, label2id: dict[str, int] | None = None
+) -> list[int]:
+    """Map raw labels to ids: by class name first, else (declared names only) as an index."""
+    lookup = label2id or {name: i for i, name in enumerate(class_names)}
+    ids, unknown = [], []
+    for v in raw:
+        if str(v) in lookup:
+            ids.append(lookup[str(v)])
+        elif declared and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(class_names):
+            ids.append(v)
+        else:
+            unknown.append(v)
+    if unknown:
+        shown = ", ".join(repr(v) for v in sorted(set(map(str, unknown)))[:5])
+        raise AdaptextError(
+            f"{origin}: labels {shown} are not among the training classes "
+            f"({', '.join(class_names[:10])}); fix those rows or train on data that has them"
+        )
+    return ids
+
+
+def table_to_split(
+    table: _Table,
+    text_columns: list[str] | None,
+    label_column: str | None,
+    class_names: list[str],
+    declared: bool,
+    label2id: dict[str, int] | None = None,
+) -> Split:
+    frame = table.frame
+    if len(frame) == 0:
+        raise AdaptextError(f"{table.origin} has no rows; give a file with examples")
+    text_cols = text_columns or [_pick_column(frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
+    for col in text_cols:
+        _pick_column(frame, col, TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    label_col = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    texts = _texts(frame, text_cols, table.origin)
+    labels = encode_labels(_raw_labels(frame, label_col, table.origin), class_names, declared, table.origin, label2id)
+    return Split(texts, labels)
+
+
+def table_label_names(table: _Table, label_column: str | None) -> tuple[list[str], bool]:
+    label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    raw = _raw_labels(table.frame, label_col, table.origin)
+    names = build_label_names(raw, table.class_names, table.origin)
+    return names, bool(table.class_names)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def stratified_sample(split: Split, size: int | None, seed: int) -> Split:
+    """A class-balanced subsample of ``size`` examples (all of them when size >= len)."""
+    if size is None or size >= len(split):
+        return split
+    keep, _ = _stratified_indices(split.labels, size, seed)
+    return _pick(split, keep)
+
+
+def _stratified_indices(labels: list[int], first_size: int, seed: int) -> tuple[list[int], list[int]]:
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(labels)))
+    counts = pd.Series(labels).value_counts()
+    can_stratify = counts.min() >= 2 and first_size >= len(counts) and len(labels) - first_size >= len(counts)
+    first, second = train_test_split(
+        indices,
+        train_size=first_size,
+        random_state=seed,
+        stratify=labels if can_stratify else None,
+    )
+    return sorted(first), sorted(second)
+
+
+def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    n_val = max(len(set(split.labels)), round(len(split) * fraction))
+    if len(split) - n_val < 2:
+        raise AdaptextError(
+            f"only {len(split)} training examples: too few to carve a validation split; "
+            "add data or give a validation split"
+        )
+    train_idx, val_idx = _stratified_indices(split.labels, len(split) - n_val, seed)
+    return _pick(split, train_idx), _pick(split, val_idx)
+
+
+def _pick(split: Split, indices: list[int]) -> Split:
+    return Split([split.texts[i] for i in indices], [split.labels[i] for i in indices])
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def demo_data_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("adaptext") / "demo_data"))
+
+
+def load_training_data(cfg: Any) -> TextDataset:
+    """Load train/validation(/test) for a TrainConfig, validated and subsampled."""
+    spec = cfg.data or str(demo_data_dir())
+    tables = load_tables(spec, cfg.data_subset, cfg.encoding)
+    if cfg.train_split not in tables:
+        raise AdaptextError(f"{spec}: no split {cfg.train_split!r} (found: {', '.join(tables)}); fix --train-split")
+    train_table = tables[cfg.train_split]
+    class_names, declared = table_label_names(train_table, cfg.label_column)
+    convert = lambda t: table_to_split(t, cfg.text_column, cfg.label_column, class_names, declared)  # noqa: E731
+    train = convert(train_table)
+    notes = []
+    present = sorted(set(train.labels))
+    if len(present) < 2:
+        raise AdaptextError(
+            f"{train_table.origin}: every training example has the same label "
+            f"({class_names[present[0]]!r}); classification needs at least two classes"
+        )
+    if declared and len(present) < len(class_names):
+        missing = [class_names[i] for i in range(len(class_names)) if i not in present]
+        notes.append(f"classes with no training example: {', '.join(missing)}")
+
+    val_name = cfg.validation_split
+    if val_name is None:
+        val_name = next((n for n in ("validation", "valid", "dev") if n in tables), None)
+    elif val_name not in tables:
+        raise AdaptextError(f"{spec}: no split {val_name!r} (found: {', '.join(tables)}); fix --validation-split")
+
+    if val_name is not None:
+        train = stratified_sample(train, cfg.train_size, cfg.seed)
+        validation = convert(tables[val_name])
+    elif cfg.train_size is not None and len(train) - cfg.train_size >= 2 * len(present):
+        # Keep the full --train-size budget for training; validate on examples it did not draw.
+        train_idx, rest_idx = _stratified_indices(train.labels, cfg.train_size, cfg.seed)
+        train, rest = _pick(train, train_idx), _pick(train, rest_idx)
+        n_val = cfg.eval_size or max(round(len(train) * cfg.validation_fraction), min(200, len(rest)))
+        validation = stratified_sample(rest, n_val, cfg.seed)
+        notes.append(
+            f"validation: {len(validation)} examples drawn (stratified) from the training file, "
+            f"none of them among the {len(train):,} training examples"
+        )
+    else:
+        train = stratified_sample(train, cfg.train_size, cfg.seed)
+        train, validation = carve_validation(train, cfg.validation_fraction, cfg.seed)
+        notes.append(f"validation: {len(validation)} examples carved (stratified) from train")
+    validation = stratified_sample(validation, cfg.eval_size, cfg.seed)
+    splits = {"train": train, "validation": validation}
+    if "test" in tables and cfg.train_split != "test":
+        splits["test"] = convert(tables["test"])
+    _check_unseen(splits, class_names)
+    return TextDataset(splits, class_names, spec, notes)
+
+
+def _check_unseen(splits: dict[str, Split], class_names: list[str]) -> None:
+    seen = set(splits["train"].labels)
+    for name, split in splits.items():
+        unseen = sorted(set(split.labels) - seen)
+        if unseen:
+            shown = ", ".join(repr(class_names[i]) for i in unseen[:5])
+            raise AdaptextError(
+                f"{name} split has labels {shown} that never occur in the training data; "
+                "add training examples of those classes or drop those rows"
+            )
+
+
+def load_eval_split(
+    spec: str,
+    split: str | None,
+    class_names: list[str],
+    text_column: list[str] | None,
+    label_column: str | None,
+    subset: str | None = None,
+    encoding: str = "utf-8",
+) -> Split:
+    """Load one split for evaluation against a trained model's label space."""
+    tables = load_tables(spec, subset, encoding)
+    if split is None:
+        split = next((s for s in ("test", "validation", "train") if s in tables), next(iter(tables)))
+    if split not in tables:
+        raise AdaptextError(f"{spec}: no split {split!r} (found: {', '.join(tables)}); fix --split")
+    table = tables[split]
+    if table.class_names and table.class_names != class_names:
+        raise AdaptextError(
+            f"{table.origin}: its classes ({', '.join(table.class_names[:8])}) differ from the "
+            f"model's ({', '.join(class_names[:8])}); evaluate on data with the model's label set"
+        )
+    declared = True
+    # Labels given as strings are looked up by class name; ints index the model's classes.
+    return table_to_split(table, text_column, label_column, class_names, declared)

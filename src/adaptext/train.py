@@ -1,0 +1,310 @@
+"""The training loop: tokenise once, length-bucketed dynamic batches, autocast, AdamW, eval per epoch.
+
+Short and explicit on purpose (nanoGPT style): this is where the speed work happens, and where
+resume and distributed training will hook in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptext.metrics import classification_metrics
+
+# A token is at least one character after whitespace is collapsed, so cutting texts at this many
+# characters per allowed token never changes the tokenised result, but avoids tokenising megabytes.
+CHARS_PER_TOKEN_CAP = 32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 (elsewhere they crawl)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- tokenisation and batching
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, unpadded: padding happens per batch."""
+    cap = max_length * CHARS_PER_TOKEN_CAP
+    clipped = [t if len(t) <= cap else t[:cap] for t in texts]
+    out = tokenizer(clipped, truncation=True, max_length=max_length, padding=False)
+    return out["input_ids"]
+
+
+def collate(ids: list[list[int]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pad to the longest in the batch, rounded up to a multiple of 8 (tensor-core/AMX friendly)."""
+    width = max(len(x) for x in ids)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length inside pools of ``pool`` batches: little padding, still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Inference batches in length order (longest first, so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, encoded: list[list[int]], pad_id: int, batch_size: int, precision: str, device: torch.device
+) -> np.ndarray:
+    """Logits in input order, computed over length-sorted batches."""
+    was_training = model.training
+    model.eval()
+    num_labels = model.config.num_labels
+    logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    for batch in sorted_batches([len(x) for x in encoded], batch_size):
+        inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad_id).items()}
+        with autocast(precision, device):
+            out = model(**inputs).logits
+        logits[batch] = out.float().cpu().numpy()
+    model.train(was_training)
+    return logits
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_norm_or_bias = param.ndim < 2 or "norm" in name.lower()
+        (no_decay if is_norm_or_bias else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def class_weight_tensor(labels: list[int], num_labels: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    weights = len(labels) / (num_labels * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _print(bar: Any, line: str) -> None:
+    if bar.disable:
+        print(line, flush=True)
+    else:
+        bar.write(line)
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "loss" else new > old
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+    steps: int = 0
+    stopped_early: bool = False
+
+
+def train_loop(
+    model: nn.Module,
+    train_ids: list[list[int]],
+    train_labels: list[int],
+    val_ids: list[list[int]],
+    val_labels: list[int],
+    class_names: list[str],
+    pad_id: int,
+    cfg: Any,
+    log_path: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place; on return it holds the best evaluated weights."""
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    rng = random.Random(cfg.seed)
+    lengths = [len(x) for x in train_ids]
+    batches_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
+    total_batches = math.ceil(batches_per_epoch * cfg.epochs)
+    total_steps = math.ceil(total_batches / cfg.grad_accum)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    eval_points = {
+        min(e * batches_per_epoch + round(k * batches_per_epoch / cfg.evals_per_epoch), total_batches)
+        for e in range(math.ceil(cfg.epochs))
+        for k in range(1, cfg.evals_per_epoch + 1)
+    }
+    eval_points.add(total_batches)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.resolved_lr())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = class_weight_tensor(train_labels, len(class_names)).to(device) if cfg.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    labels_all = torch.tensor(train_labels, dtype=torch.long)
+
+    result = TrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals = 0
+    log = log_path.open("a", encoding="utf-8") if log_path else None
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on terminals only, not a flood of carriage returns in CI logs and pipes.
+    bar = tqdm(total=total_batches, desc="train", unit="batch", disable=True if not progress else None, leave=False)
+    model.train()
+    step = batch_no = 0
+    seen = tokens = 0
+    window_loss, window_n = 0.0, 0
+    started = time.perf_counter()
+    try:
+        epoch = 0
+        while batch_no < total_batches:
+            for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+                if batch_no >= total_batches:
+                    break
+                inputs = {k: v.to(device) for k, v in collate([train_ids[i] for i in batch], pad_id).items()}
+                with autocast(precision, device):
+                    logits = model(**inputs).logits
+                loss = loss_fn(logits.float(), labels_all[batch].to(device))
+                (loss / cfg.grad_accum).backward()
+                batch_no += 1
+                seen += len(batch)
+                tokens += sum(lengths[i] for i in batch)
+                window_loss += loss.item()
+                window_n += 1
+                if batch_no % cfg.grad_accum == 0 or batch_no == total_batches:
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.resolved_lr() * factor
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    elapsed = time.perf_counter() - started
+                    if step % cfg.log_every == 0 and log:
+                        log.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "epoch": round(batch_no / batches_per_epoch, 4),
+                                    "loss": round(window_loss / window_n, 5),
+                                    "lr": cfg.resolved_lr() * factor,
+                                    "samples_per_s": round(seen / elapsed, 2),
+                                    "tokens_per_s": round(tokens / elapsed, 1),
+                                }
+                            )
+                            + "\n"
+                        )
+                        log.flush()
+                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}", sps=f"{seen / elapsed:.1f}")
+                    if step % cfg.log_every == 0:
+                        window_loss, window_n = 0.0, 0
+                bar.update(1)
+                if batch_no in eval_points:
+                    val_logits = predict_logits(model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device)
+                    metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
+                    record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
+                    result.history.append(record)
+                    if log:
+                        log.write(json.dumps({"eval": record}) + "\n")
+                        log.flush()
+                    _print(
+                        bar,
+                        f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  "
+                        f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
+                    )
+                    if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
+                        result.best = record
+                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                        if cfg.early_stopping and bad_evals >= cfg.early_stopping:
+                            result.stopped_early = True
+                            break
+            epoch += 1
+            if result.stopped_early:
+                break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    result.train_seconds = time.perf_counter() - started
+    result.samples_per_second = seen / result.train_seconds
+    result.tokens_per_second = tokens / result.train_seconds
+    result.steps = step
+    if best_state is not None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in best_state.items():
+                params[name].copy_(value)
+    model.eval()
+    return result
