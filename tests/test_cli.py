@@ -151,7 +151,7 @@ def test_unseen_eval_labels_and_long_texts(tiny_models, tmp_path):
         str(tmp_path / "out"),
         "--quiet",
     )
-    assert_clean_failure(result, "never occur in the training data")
+    assert_clean_failure(result, "not among the training classes")
     long_file = tmp_path / "long.csv"
     pd.DataFrame({"text": ["word " * 300_000, "b", "c", "d"], "label": [0, 1, 0, 1]}).to_csv(long_file, index=False)
     result = run_cli(

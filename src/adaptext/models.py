@@ -71,7 +71,8 @@ def _mpnet_dir() -> Path:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(staging / "model")
         archive.unlink()
-        os.replace(staging / "model", target) if not target.exists() else None
+        if not target.exists():  # another process may have finished first: keep its copy
+            os.replace(staging / "model", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _model_root(target)

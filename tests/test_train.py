@@ -1,0 +1,84 @@
+"""Training-loop pieces: batching, padding, schedules, class weights, early stopping, accumulation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from adaptext import api
+from adaptext.train import bucketed_batches, class_weight_tensor, collate, lr_factor, resolve_precision, sorted_batches
+
+
+def test_bucketed_batches_cover_everything_once_and_pad_little():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    batches = bucketed_batches(lengths, 16, random.Random(1))
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    naive = sum(max(lengths[i] for i in range(s, min(s + 16, 1000))) * len(range(s, min(s + 16, 1000)))
+                for s in range(0, 1000, 16))
+    assert padded < 0.75 * naive  # length bucketing removes most padding
+    assert bucketed_batches(lengths, 16, random.Random(1)) == batches  # seeded
+    assert sorted(i for b in sorted_batches(lengths, 64) for i in b) == list(range(1000))
+
+
+def test_collate_pads_dynamically_to_a_multiple_of_8():
+    batch = collate([[1, 2, 3], [4]], pad_id=0)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].tolist()[1] == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert collate([[1] * 9], pad_id=0)["input_ids"].shape == (1, 16)
+
+
+def test_schedules():
+    assert lr_factor(0, 100, 10, "linear") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "linear") == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10, "linear") == pytest.approx(1 / 90, abs=1e-6)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(80, 100, 10, "constant") == 1.0
+
+
+def test_class_weights_are_inverse_frequency():
+    weights = class_weight_tensor([0, 0, 0, 1], 2)
+    assert weights[1] / weights[0] == pytest.approx(3.0)
+
+
+def test_precision_auto_never_picks_slow_bf16_on_plain_cpus():
+    from adaptext.train import cpu_has_fast_bf16
+
+    chosen = resolve_precision("auto", torch.device("cpu"))
+    assert chosen == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def quiet_train(tiny_models, topic_dir, tmp_path, name, **kw):
+    settings = dict(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(tmp_path / name), batch_size=8,
+                    max_length=32, seed=5)
+    settings.update(kw)
+    return api.train(progress=False, echo=lambda line: None, **settings)
+
+
+def test_early_stopping_and_evals_per_epoch(tiny_models, topic_dir, tmp_path):
+    # A learning rate this small cannot move the validation loss: patience 2 stops after 3 evaluations.
+    outcome = quiet_train(tiny_models, topic_dir, tmp_path, "es", epochs=10, lr=1e-9, early_stopping=2,
+                          metric="accuracy", evals_per_epoch=2)
+    assert outcome.metrics["train"]["stopped_early"]
+    assert len(outcome.metrics["history"]) == 3
+    assert outcome.metrics["history"][0]["epoch"] == 0.5
+
+
+def test_grad_accumulation_counts_optimizer_steps(tiny_models, topic_dir, tmp_path):
+    plain = quiet_train(tiny_models, topic_dir, tmp_path, "a1", epochs=1)
+    accum = quiet_train(tiny_models, topic_dir, tmp_path, "a2", epochs=1, grad_accum=4, scheduler="cosine",
+                        class_weights=True, use_rslora=True)
+    assert accum.metrics["train"]["steps"] == -(-plain.metrics["train"]["steps"] // 4)
+
+
+def test_dora_trains_and_reloads(tiny_models, topic_dir, tmp_path):
+    import adaptext
+
+    outcome = quiet_train(tiny_models, topic_dir, tmp_path, "dora", epochs=1, use_dora=True, layers=[1])
+    again = adaptext.evaluate(outcome.output, str(topic_dir), split="test")
+    assert again["accuracy"] == outcome.metrics["test"]["accuracy"]
