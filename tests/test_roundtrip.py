@@ -145,6 +145,9 @@ def test_tiny_model_learns_the_topic_task(tiny_models, topic_dir, tmp_path):
     """The loop really optimises: loss falls and a separable task goes well above chance (1/3)."""
     outcome = train_tiny(tiny_models["bert"], topic_dir, tmp_path / "learn", epochs=8, lr=1e-2, lora_r=4, log_every=1)
     assert outcome.metrics["test"]["accuracy"] >= 0.6
-    losses = [json.loads(line)["loss"] for line in (outcome.output / "train_log.jsonl").read_text().splitlines()
-              if '"loss"' in line and '"eval"' not in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (outcome.output / "train_log.jsonl").read_text().splitlines()
+        if '"loss"' in line and '"eval"' not in line
+    ]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

@@ -18,8 +18,10 @@ def test_bucketed_batches_cover_everything_once_and_pad_little():
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(1000))
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    naive = sum(max(lengths[i] for i in range(s, min(s + 16, 1000))) * len(range(s, min(s + 16, 1000)))
-                for s in range(0, 1000, 16))
+    naive = sum(
+        max(lengths[i] for i in range(s, min(s + 16, 1000))) * len(range(s, min(s + 16, 1000)))
+        for s in range(0, 1000, 16)
+    )
     assert padded < 0.75 * naive  # length bucketing removes most padding
     assert bucketed_batches(lengths, 16, random.Random(1)) == batches  # seeded
     assert sorted(i for b in sorted_batches(lengths, 64) for i in b) == list(range(1000))
@@ -54,16 +56,31 @@ def test_precision_auto_never_picks_slow_bf16_on_plain_cpus():
 
 
 def quiet_train(tiny_models, topic_dir, tmp_path, name, **kw):
-    settings = dict(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(tmp_path / name), batch_size=8,
-                    max_length=32, seed=5)
+    settings = dict(
+        data=str(topic_dir),
+        model=str(tiny_models["bert"]),
+        output=str(tmp_path / name),
+        batch_size=8,
+        max_length=32,
+        seed=5,
+    )
     settings.update(kw)
     return api.train(progress=False, echo=lambda line: None, **settings)
 
 
 def test_early_stopping_and_evals_per_epoch(tiny_models, topic_dir, tmp_path):
     # A learning rate this small cannot move the validation loss: patience 2 stops after 3 evaluations.
-    outcome = quiet_train(tiny_models, topic_dir, tmp_path, "es", epochs=10, lr=1e-9, early_stopping=2,
-                          metric="accuracy", evals_per_epoch=2)
+    outcome = quiet_train(
+        tiny_models,
+        topic_dir,
+        tmp_path,
+        "es",
+        epochs=10,
+        lr=1e-9,
+        early_stopping=2,
+        metric="accuracy",
+        evals_per_epoch=2,
+    )
     assert outcome.metrics["train"]["stopped_early"]
     assert len(outcome.metrics["history"]) == 3
     assert outcome.metrics["history"][0]["epoch"] == 0.5
@@ -71,8 +88,17 @@ def test_early_stopping_and_evals_per_epoch(tiny_models, topic_dir, tmp_path):
 
 def test_grad_accumulation_counts_optimizer_steps(tiny_models, topic_dir, tmp_path):
     plain = quiet_train(tiny_models, topic_dir, tmp_path, "a1", epochs=1)
-    accum = quiet_train(tiny_models, topic_dir, tmp_path, "a2", epochs=1, grad_accum=4, scheduler="cosine",
-                        class_weights=True, use_rslora=True)
+    accum = quiet_train(
+        tiny_models,
+        topic_dir,
+        tmp_path,
+        "a2",
+        epochs=1,
+        grad_accum=4,
+        scheduler="cosine",
+        class_weights=True,
+        use_rslora=True,
+    )
     assert accum.metrics["train"]["steps"] == -(-plain.metrics["train"]["steps"] // 4)
 
 

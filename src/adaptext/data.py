@@ -196,15 +196,20 @@ def _pick_column(
     )
 
 
+def _blank_rows(values: list[Any]) -> list[int]:
+    """Indices of missing (None/NaN) or whitespace-only cells."""
+    return [
+        i
+        for i, v in enumerate(values)
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+    ]
+
+
 def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
     parts = []
     for column in columns:
         values = frame[column].tolist()
-        bad = [
-            i
-            for i, v in enumerate(values)
-            if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
-        ]
+        bad = _blank_rows(values)
         if bad:
             raise AdaptextError(
                 f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
@@ -223,11 +228,7 @@ def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
 
 def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
     values = frame[column].tolist()
-    bad = [
-        i
-        for i, v in enumerate(values)
-        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
-    ]
+    bad = _blank_rows(values)
     if bad:
         raise AdaptextError(
             f"{origin}: {len(bad)} row(s) have no label in {column!r} (first at row {bad[0]}); "
