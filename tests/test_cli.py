@@ -221,3 +221,21 @@ def test_predict_output_errors_leave_nothing(cli_model, tmp_path):
     target = tmp_path / "preds.txt"
     assert_clean_failure(run_cli("predict", "--model", str(cli_model), "--output", str(target), "hi"), ".csv or .jsonl")
     assert not target.exists()
+
+
+def test_predict_bad_stdin_and_odd_texts(cli_model, tiny_models, topic_dir, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptext", "predict", "--model", str(cli_model)],
+        input=b"caf\xe9 au lait\n",
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr
+    # Empty and enormous texts are classified, not crashed on.
+    import adaptext
+
+    rows = adaptext.load(cli_model).predict(["", "goal " * 200_000])
+    assert len(rows) == 2

@@ -151,3 +151,9 @@ def test_tiny_model_learns_the_topic_task(tiny_models, topic_dir, tmp_path):
         if '"loss"' in line and '"eval"' not in line
     ]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_empty_and_huge_texts_predict(trained, arch):
+    rows = adaptext.load(trained[arch].output).predict(["", "x", "goal " * 100_000])
+    assert [len(r["probabilities"]) for r in rows] == [3, 3, 3]

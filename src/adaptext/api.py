@@ -120,6 +120,7 @@ def train(
                 metrics[split] = classification_metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
             "seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(result.wall_seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "steps": result.steps,

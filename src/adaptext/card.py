@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+METHOD_NAMES = {"lora": "LoRA", "head": "head-only", "full": "fully fine-tuned"}
+
+
+def dataset_name(spec: str | None) -> str:
+    """A Hub dataset id as is; a local file or folder by its name (an absolute path means nothing elsewhere)."""
+    if not spec:
+        return "adaptext-demo-headlines"
+    path = Path(spec)
+    if path.exists():
+        return path.stem if path.is_file() else path.name
+    return spec
 
 
 def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
     cfg = meta["config"]
     base = meta["base_model"]
     base_id = base.get("hub_id") or base["name"]
-    dataset = cfg.get("data") or "adaptext built-in news-headline demo set"
+    dataset = dataset_name(cfg.get("data"))
     final = metrics.get("test") or metrics.get("validation") or {}
     split = "test" if metrics.get("test") else "validation"
     header = {

@@ -116,7 +116,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif args.texts:
         texts = args.texts
     else:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        raw = sys.stdin.buffer.read()
+        try:
+            texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise AdaptextError(f"stdin is not valid UTF-8 (bad byte at position {exc.start}); re-encode it") from None
     classifier = load(args.model, batch_size=args.batch_size, precision=args.precision)
     results = classifier.predict(texts, top_k=args.top_k)
     if args.output:

@@ -63,6 +63,10 @@ def check_texts(texts: list[Any]) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise AdaptextError(f"text #{i} is {type(text).__name__}, not a string; pass strings to predict")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AdaptextError(f"text #{i} holds bytes that are not valid UTF-8; re-encode it as UTF-8") from None
         out.append(text)
     return out
 

@@ -24,6 +24,7 @@ from adaptext.metrics import classification_metrics
 # A token is at least one character after whitespace is collapsed, so cutting texts at this many
 # characters per allowed token never changes the tokenised result, but avoids tokenising megabytes.
 CHARS_PER_TOKEN_CAP = 32
+TOKENIZE_CHUNK = 1024
 
 
 def seed_everything(seed: int) -> None:
@@ -67,8 +68,13 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int
     """Token ids per text, truncated, unpadded: padding happens per batch."""
     cap = max_length * CHARS_PER_TOKEN_CAP
     clipped = [t if len(t) <= cap else t[:cap] for t in texts]
-    out = tokenizer(clipped, truncation=True, max_length=max_length, padding=False)
-    return out["input_ids"]
+    ids: list[list[int]] = []
+    for start in range(0, len(clipped), TOKENIZE_CHUNK):  # chunks: the full encodings are heavy
+        chunk = clipped[start : start + TOKENIZE_CHUNK]
+        ids += tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
+    filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    return [seq if seq else [filler] for seq in ids]
 
 
 def collate(ids: list[list[int]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
@@ -151,6 +157,12 @@ def class_weight_tensor(labels: list[int], num_labels: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def _write(log: Any, record: dict[str, Any]) -> None:
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
 def _print(bar: Any, line: str) -> None:
     if bar.disable:
         print(line, flush=True)
@@ -168,7 +180,8 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # optimisation only
+    wall_seconds: float = 0.0  # including the validation passes
     samples_per_second: float = 0.0
     tokens_per_second: float = 0.0
     steps: int = 0
@@ -222,9 +235,8 @@ def train_loop(
     step = batch_no = 0
     seen = tokens = 0
     window_loss, window_n = 0.0, 0
-    started = time.perf_counter()
+    started = wall_started = time.perf_counter()
     try:
-        epoch = 0
         while batch_no < total_batches:
             for batch in bucketed_batches(lengths, cfg.batch_size, rng):
                 if batch_no >= total_batches:
@@ -249,38 +261,29 @@ def train_loop(
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     elapsed = time.perf_counter() - started
-                    if step % cfg.log_every == 0 and log:
-                        log.write(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "epoch": round(batch_no / batches_per_epoch, 4),
-                                    "loss": round(window_loss / window_n, 5),
-                                    "lr": cfg.resolved_lr() * factor,
-                                    "samples_per_s": round(seen / elapsed, 2),
-                                    "tokens_per_s": round(tokens / elapsed, 1),
-                                }
-                            )
-                            + "\n"
-                        )
-                        log.flush()
+                    if step % cfg.log_every == 0:
+                        _write(log, {
+                            "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
+                            "loss": round(window_loss / window_n, 5), "lr": cfg.resolved_lr() * factor,
+                            "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
+                        })  # fmt: skip
                     bar.set_postfix(loss=f"{window_loss / window_n:.4f}", sps=f"{seen / elapsed:.1f}")
                     if step % cfg.log_every == 0:
                         window_loss, window_n = 0.0, 0
                 bar.update(1)
                 if batch_no in eval_points:
+                    eval_started = time.perf_counter()
                     val_logits = predict_logits(model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device)
                     metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
                     record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                     result.history.append(record)
-                    if log:
-                        log.write(json.dumps({"eval": record}) + "\n")
-                        log.flush()
+                    _write(log, {"eval": record})
                     _print(
                         bar,
                         f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  "
                         f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
                     )
+                    started += time.perf_counter() - eval_started  # throughput counts training only
                     if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
                         result.best = record
                         best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -290,7 +293,6 @@ def train_loop(
                         if cfg.early_stopping and bad_evals >= cfg.early_stopping:
                             result.stopped_early = True
                             break
-            epoch += 1
             if result.stopped_early:
                 break
     finally:
@@ -298,6 +300,7 @@ def train_loop(
         if log:
             log.close()
     result.train_seconds = time.perf_counter() - started
+    result.wall_seconds = time.perf_counter() - wall_started
     result.samples_per_second = seen / result.train_seconds
     result.tokens_per_second = tokens / result.train_seconds
     result.steps = step
