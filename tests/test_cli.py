@@ -91,12 +91,14 @@ def test_predict_from_arguments_stdin_and_files(cli_model, tmp_path):
 
 
 def test_python_m_and_console_script_agree():
-    assert run_cli("--version").stdout.startswith("adaptext ")
-    exe = shutil.which("adaptext")
-    assert exe, "console script not installed"
     import subprocess
+    import sys
+    from pathlib import Path
 
-    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("adaptext ")
+    assert run_cli("--version").stdout.startswith("adaptext ")
+    script = Path(sys.executable).parent / "adaptext"  # installed next to this interpreter
+    assert script.is_file(), "console script not installed"
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout.startswith("adaptext ")
 
 
 # ------------------------------------------------------------------ bad input through the CLI
