@@ -181,3 +181,18 @@ def test_directory_without_split_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(AdaptextError, match="holds no split files"):
         data.load_training_data(cfg(data=str(tmp_path)))
+
+
+def test_datasets_library_path_reads_classlabel_names(tmp_path):
+    """The Hub code path (datasets.load_dataset) on a local dataset: ClassLabel names are used."""
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "neu", "pos"])}
+    )
+    rows = {"text": [f"t{i}" for i in range(12)], "label": [i % 3 for i in range(12)]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    tables = data._load_hub(str(tmp_path), None)
+    assert tables["train"].class_names == ["neg", "neu", "pos"]
+    split = data.table_to_split(tables["train"], None, None, ["neg", "neu", "pos"], declared=True)
+    assert split.labels == rows["label"]

@@ -69,6 +69,13 @@ def format_report(metrics: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<{width}} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8}"
             )
+    matrix = metrics.get("confusion_matrix")
+    if matrix and len(matrix) <= 20:
+        names = metrics["class_names"]
+        width = max(8, *(len(n) for n in names))
+        lines.append("confusion matrix (rows: true, columns: predicted)")
+        lines.append(" " * (width + 1) + " ".join(f"{n[:8]:>8}" for n in names))
+        lines += [f"{name:<{width}} " + " ".join(f"{c:>8}" for c in row) for name, row in zip(names, matrix)]
     return "\n".join(lines)
 
 
