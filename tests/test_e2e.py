@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, needs_shared_data, run_cli
@@ -16,24 +17,10 @@ pytestmark = [pytest.mark.e2e, needs_shared_data()]
 @pytest.fixture(scope="module")
 def agnews_model(tmp_path_factory):
     output = tmp_path_factory.mktemp("e2e") / "agnews"
-    result = run_cli(
-        "train",
-        "--data",
-        str(SHARED_DATA / "ag_news"),
-        "--train-size",
-        "240",
-        "--eval-size",
-        "80",
-        "--epochs",
-        "1",
-        "--max-length",
-        "64",
-        "--seed",
-        "1",
-        "--output",
-        str(output),
-        "--quiet",
-    )
+    # fmt: off
+    result = run_cli("train", "--data", str(SHARED_DATA / "ag_news"), "--train-size", "400", "--eval-size", "80",
+                     "--epochs", "2", "--max-length", "64", "--seed", "1", "--output", str(output), "--quiet")
+    # fmt: on
     assert result.returncode == 0, result.stderr
     assert "newly initialised, trained and saved: classifier" in result.stdout
     assert "trainable: 73,728 adapter + 1,540 head" in result.stdout
@@ -56,7 +43,7 @@ def test_train_evaluate_predict_on_ag_news(agnews_model, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 400
-    assert metrics["accuracy"] > 0.6  # 240 examples x 1 epoch: far above chance (0.25)
+    assert metrics["accuracy"] > 0.7  # 400 examples x 2 epochs: far above chance (0.25)
     texts = ["Striker scores twice as champions win the derby", "Central bank raises interest rates again"]
     result = run_cli("predict", "--model", str(agnews_model), "--json", *texts)
     labels = [json.loads(line)["label"] for line in result.stdout.splitlines()]
@@ -78,7 +65,7 @@ def test_plain_peft_loads_the_minilm_adapter(agnews_model):
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr
     ours = adaptext.load(agnews_model).logits(texts)
-    assert json.loads(plain.stdout) == pytest.approx(ours.tolist(), abs=1e-4)
+    np.testing.assert_allclose(np.array(json.loads(plain.stdout)), ours, atol=1e-4)
 
 
 def test_demo_is_the_offline_main_job(tmp_path):
