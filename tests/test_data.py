@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adaptext import data
+from adaptext import data, readers
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from conftest import SHARED_DATA, needs_shared_data, topic_rows
@@ -192,7 +192,7 @@ def test_datasets_library_path_reads_classlabel_names(tmp_path):
     )
     rows = {"text": [f"t{i}" for i in range(12)], "label": [i % 3 for i in range(12)]}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
-    tables = data._load_hub(str(tmp_path), None)
+    tables = readers._load_hub(str(tmp_path), None)
     assert tables["train"].class_names == ["neg", "neu", "pos"]
     split = data.table_to_split(tables["train"], None, None, ["neg", "neu", "pos"], declared=True)
     assert split.labels == rows["label"]

@@ -93,26 +93,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_input_texts(path: str, text_column: list[str] | None) -> list[str]:
-    from adaptext import data
-
-    table = data.read_table(Path(path))
-    frame = table.frame
-    columns = text_column or [
-        data._pick_column(frame, None, data.TEXT_CANDIDATES, "text", "--text-column", table.origin)
-    ]
-    for column in columns:
-        data._pick_column(frame, column, data.TEXT_CANDIDATES, "text", "--text-column", table.origin)
-    return data._texts(frame, columns, table.origin)
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from adaptext.predict import load
 
     if args.texts and args.input:
         raise AdaptextError("give texts as arguments or --input FILE, not both")
     if args.input:
-        texts = _read_input_texts(args.input, args.text_column)
+        from adaptext.data import read_texts
+
+        texts = read_texts(args.input, args.text_column)
     elif args.texts:
         texts = args.texts
     else:

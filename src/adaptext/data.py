@@ -7,8 +7,6 @@ names the file, the rows and the fix.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +15,8 @@ from typing import Any
 import pandas as pd
 
 from adaptext.errors import AdaptextError
+from adaptext.readers import Table, load_tables, read_table
 
-EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
-SPLIT_ALIASES = {
-    "train": ("train",),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test",),
-}
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
 LABEL_CANDIDATES = ("label", "labels", "class", "category", "target", "sentiment", "y")
 # A text this long is a broken file, not a document: refuse it instead of tokenising megabytes.
@@ -51,129 +44,6 @@ class TextDataset:
     @property
     def num_labels(self) -> int:
         return len(self.class_names)
-
-
-@dataclass
-class _Table:
-    frame: pd.DataFrame
-    class_names: list[str] | None
-    origin: str
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def _read_classes_json(folder: Path) -> list[str] | None:
-    path = folder / "classes.json"
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AdaptextError(f"{path} is not valid JSON; fix it or remove it") from None
-    names = value.get("names") if isinstance(value, dict) else value
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise AdaptextError(f'{path} must be {{"names": [...]}} or a JSON list of class names')
-    return names
-
-
-def read_table(path: Path, encoding: str = "utf-8") -> _Table:
-    """Read one file into a DataFrame, with class names from Parquet metadata or classes.json."""
-    suffix = path.suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise AdaptextError(f"{path}: unsupported file type {suffix or '(none)'}; use one of {', '.join(EXTENSIONS)}")
-    class_names = None
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            meta = table.schema.metadata or {}
-            if b"class_names" in meta:
-                class_names = json.loads(meta[b"class_names"])
-            frame = table.to_pandas()
-        elif suffix in (".csv", ".tsv"):
-            # Only truly empty cells are missing: a text that reads "NA" or "null" is still text.
-            sep, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
-            frame = pd.read_csv(
-                path,
-                sep=sep,
-                quoting=quoting,
-                encoding=encoding,
-                keep_default_na=False,
-                na_values=[""],
-            )
-        elif suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
-        else:
-            try:
-                frame = pd.read_json(path, encoding=encoding, dtype=False)
-            except ValueError:
-                frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
-    except UnicodeDecodeError as exc:
-        raise AdaptextError(
-            f"{path} is not valid {encoding} (bad byte at position {exc.start}); "
-            "re-save it as UTF-8 or pass --encoding (e.g. latin-1)"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise AdaptextError(f"{path} is empty; give a file with a header row and examples") from None
-    except FileNotFoundError:
-        raise AdaptextError(f"{path} not found; check the path") from None
-    except Exception as exc:  # pandas/pyarrow raise many parser error types
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise AdaptextError(f"{path} could not be parsed as {suffix[1:]} ({first}); fix the file") from None
-    return _Table(frame, class_names or _read_classes_json(path.parent), str(path))
-
-
-def find_split_files(folder: Path) -> dict[str, Path]:
-    """Map split name -> file for a folder like ../shared/data/ag_news (train.parquet, test.parquet)."""
-    found: dict[str, Path] = {}
-    for split, aliases in SPLIT_ALIASES.items():
-        for alias in aliases:
-            for ext in EXTENSIONS:
-                candidate = folder / f"{alias}{ext}"
-                if candidate.is_file() and split not in found:
-                    found[split] = candidate
-    return found
-
-
-def _load_hub(name: str, subset: str | None) -> dict[str, _Table]:
-    try:
-        import datasets
-
-        loaded = datasets.load_dataset(name, subset)
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise AdaptextError(
-            f"cannot load dataset {name!r}: it is not a local file or directory and the Hugging Face "
-            f"Hub could not provide it ({first}); check the name or pass a local path"
-        ) from None
-    tables = {}
-    for split_name, split in loaded.items():
-        names = None
-        for feature in split.features.values():
-            if type(feature).__name__ == "ClassLabel":
-                names = list(feature.names)
-        tables[split_name] = _Table(split.to_pandas(), names, f"{name}[{split_name}]")
-    return tables
-
-
-def load_tables(spec: str, subset: str | None = None, encoding: str = "utf-8") -> dict[str, _Table]:
-    """Resolve ``--data``: directory of split files, single file (as 'train'), or Hub dataset."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = find_split_files(path)
-        if not files:
-            raise AdaptextError(
-                f"{path} holds no split files; expected train.* (and optionally validation.*, "
-                f"test.*) with one of {', '.join(EXTENSIONS)}"
-            )
-        return {split: read_table(file, encoding) for split, file in files.items()}
-    if path.is_file():
-        return {"train": read_table(path, encoding)}
-    if path.suffix.lower() in EXTENSIONS or spec.startswith((".", "/", "~")):
-        raise AdaptextError(f"data file {spec!r} not found; check the path given to --data")
-    return _load_hub(spec, subset)
 
 
 # ---------------------------------------------------------------- columns and labels
@@ -281,7 +151,7 @@ def encode_labels(
 
 
 def table_to_split(
-    table: _Table,
+    table: Table,
     text_columns: list[str] | None,
     label_column: str | None,
     class_names: list[str],
@@ -300,7 +170,7 @@ def table_to_split(
     return Split(texts, labels)
 
 
-def table_label_names(table: _Table, label_column: str | None) -> tuple[list[str], bool]:
+def table_label_names(table: Table, label_column: str | None) -> tuple[list[str], bool]:
     label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     raw = _raw_labels(table.frame, label_col, table.origin)
     names = build_label_names(raw, table.class_names, table.origin)
@@ -445,3 +315,12 @@ def load_eval_split(
     declared = True
     # Labels given as strings are looked up by class name; ints index the model's classes.
     return table_to_split(table, text_column, label_column, class_names, declared)
+
+
+def read_texts(path: str, text_columns: list[str] | None = None, encoding: str = "utf-8") -> list[str]:
+    """Texts to classify from a CSV/TSV/JSON/JSONL/Parquet file (labels, if any, are ignored)."""
+    table = read_table(Path(path), encoding)
+    columns = text_columns or [_pick_column(table.frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
+    for column in columns:
+        _pick_column(table.frame, column, TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    return _texts(table.frame, columns, table.origin)

@@ -1,0 +1,143 @@
+"""Read labelled tables from files, split folders and the Hugging Face Hub (``datasets``).
+
+Each reader returns a DataFrame plus the class names the source declares (Parquet metadata,
+``classes.json`` or a ``ClassLabel``), and turns every parse failure into one AdaptextError line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from adaptext.errors import AdaptextError
+
+EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+    class_names: list[str] | None
+    origin: str
+
+
+def _read_classes_json(folder: Path) -> list[str] | None:
+    path = folder / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdaptextError(f"{path} is not valid JSON; fix it or remove it") from None
+    names = value.get("names") if isinstance(value, dict) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise AdaptextError(f'{path} must be {{"names": [...]}} or a JSON list of class names')
+    return names
+
+
+def read_table(path: Path, encoding: str = "utf-8") -> Table:
+    """Read one file into a DataFrame, with class names from Parquet metadata or classes.json."""
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise AdaptextError(f"{path}: unsupported file type {suffix or '(none)'}; use one of {', '.join(EXTENSIONS)}")
+    class_names = None
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if b"class_names" in meta:
+                class_names = json.loads(meta[b"class_names"])
+            frame = table.to_pandas()
+        elif suffix in (".csv", ".tsv"):
+            # Only truly empty cells are missing: a text that reads "NA" or "null" is still text.
+            sep, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+            frame = pd.read_csv(
+                path,
+                sep=sep,
+                quoting=quoting,
+                encoding=encoding,
+                keep_default_na=False,
+                na_values=[""],
+            )
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+        else:
+            try:
+                frame = pd.read_json(path, encoding=encoding, dtype=False)
+            except ValueError:
+                frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+    except UnicodeDecodeError as exc:
+        raise AdaptextError(
+            f"{path} is not valid {encoding} (bad byte at position {exc.start}); "
+            "re-save it as UTF-8 or pass --encoding (e.g. latin-1)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise AdaptextError(f"{path} is empty; give a file with a header row and examples") from None
+    except FileNotFoundError:
+        raise AdaptextError(f"{path} not found; check the path") from None
+    except Exception as exc:  # pandas/pyarrow raise many parser error types
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise AdaptextError(f"{path} could not be parsed as {suffix[1:]} ({first}); fix the file") from None
+    return Table(frame, class_names or _read_classes_json(path.parent), str(path))
+
+
+def find_split_files(folder: Path) -> dict[str, Path]:
+    """Map split name -> file for a folder like ../shared/data/ag_news (train.parquet, test.parquet)."""
+    found: dict[str, Path] = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            for ext in EXTENSIONS:
+                candidate = folder / f"{alias}{ext}"
+                if candidate.is_file() and split not in found:
+                    found[split] = candidate
+    return found
+
+
+def _load_hub(name: str, subset: str | None) -> dict[str, Table]:
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(name, subset)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise AdaptextError(
+            f"cannot load dataset {name!r}: it is not a local file or directory and the Hugging Face "
+            f"Hub could not provide it ({first}); check the name or pass a local path"
+        ) from None
+    tables = {}
+    for split_name, split in loaded.items():
+        names = None
+        for feature in split.features.values():
+            if type(feature).__name__ == "ClassLabel":
+                names = list(feature.names)
+        tables[split_name] = Table(split.to_pandas(), names, f"{name}[{split_name}]")
+    return tables
+
+
+def load_tables(spec: str, subset: str | None = None, encoding: str = "utf-8") -> dict[str, Table]:
+    """Resolve ``--data``: directory of split files, single file (as 'train'), or Hub dataset."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = find_split_files(path)
+        if not files:
+            raise AdaptextError(
+                f"{path} holds no split files; expected train.* (and optionally validation.*, "
+                f"test.*) with one of {', '.join(EXTENSIONS)}"
+            )
+        return {split: read_table(file, encoding) for split, file in files.items()}
+    if path.is_file():
+        return {"train": read_table(path, encoding)}
+    if path.suffix.lower() in EXTENSIONS or spec.startswith((".", "/", "~")):
+        raise AdaptextError(f"data file {spec!r} not found; check the path given to --data")
+    return _load_hub(spec, subset)
