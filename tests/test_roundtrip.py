@@ -20,16 +20,18 @@ PLAIN_PEFT = """
 import json, sys, torch
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
-folder, texts = sys.argv[1], json.loads(sys.argv[2])
-labels = json.load(open(folder + "/labels.json"))
-model = AutoPeftModelForSequenceClassification.from_pretrained(
-    folder, num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"]).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
-if tokenizer.pad_token is None:
-    tokenizer.pad_token_id = labels["pad_token_id"]
-with torch.no_grad():
-    rows = [model(**tokenizer([t], return_tensors="pt")).logits[0].tolist() for t in texts]
-print(json.dumps(rows))
+folders, texts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {}
+for folder in folders:
+    labels = json.load(open(folder + "/labels.json"))
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        folder, num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token_id = labels["pad_token_id"]
+    with torch.no_grad():
+        out[folder] = [model(**tokenizer([t], return_tensors="pt")).logits[0].tolist() for t in texts]
+print(json.dumps(out))
 """
 
 
@@ -65,12 +67,27 @@ def test_reload_reproduces_training_time_test_metrics(trained, topic_dir, arch):
     assert again["confusion_matrix"] == outcome.metrics["test"]["confusion_matrix"]
 
 
+@pytest.fixture(scope="module")
+def plain_peft_logits(trained):
+    """Logits from plain peft + transformers, no adaptext, in one fresh process for every architecture."""
+    folders = [str(trained[arch].output) for arch in ARCHS]
+    plain = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT, json.dumps(folders), json.dumps(PROBE_TEXTS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert plain.returncode == 0, plain.stderr
+    return {folder: np.array(rows) for folder, rows in json.loads(plain.stdout).items()}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fresh_process_adaptext_and_plain_peft_agree(trained, arch):
+def test_fresh_process_adaptext_and_plain_peft_agree(trained, plain_peft_logits, arch):
     folder = trained[arch].output
     merged = adaptext.load(folder).logits(PROBE_TEXTS)
     unmerged = adaptext.load(folder, merge=False).logits(PROBE_TEXTS)
     np.testing.assert_allclose(merged, unmerged, atol=1e-4)
+    np.testing.assert_allclose(plain_peft_logits[str(folder)], unmerged, atol=1e-4)
 
     cli = run_cli("predict", "--model", str(folder), "--json", *PROBE_TEXTS)
     assert cli.returncode == 0, cli.stderr
@@ -79,15 +96,6 @@ def test_fresh_process_adaptext_and_plain_peft_agree(trained, arch):
     assert [r["label"] for r in rows] == [e["label"] for e in expected]
     for row, exp in zip(rows, expected):
         assert row["score"] == pytest.approx(exp["score"], abs=1e-5)
-
-    plain = subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT, str(folder), json.dumps(PROBE_TEXTS)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert plain.returncode == 0, plain.stderr
-    np.testing.assert_allclose(np.array(json.loads(plain.stdout)), unmerged, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
