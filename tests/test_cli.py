@@ -206,6 +206,8 @@ def test_adapter_from_another_base_or_label_count(cli_model, tiny_models, tmp_pa
     meta["base_model"].update(name=str(tiny_models["roberta"]), path=str(tiny_models["roberta"]))
     (other_base / "adaptext.json").write_text(json.dumps(meta))
     assert_clean_failure(run_cli("predict", "--model", str(other_base), "hello"), "does not match")
+    fixed = run_cli("predict", "--model", str(other_base), "--base", str(tiny_models["bert"]), "hello")
+    assert fixed.returncode == 0, fixed.stderr  # the fix the message names works
 
     other_labels = tmp_path / "other-labels"
     shutil.copytree(cli_model, other_labels)

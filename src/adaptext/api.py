@@ -190,9 +190,10 @@ def evaluate(
     data_subset: str | None = None,
     encoding: str = "utf-8",
     limit: int | None = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of a trained model on a split or file (default: the data it was trained on, test split)."""
-    classifier = load(model_dir, batch_size=batch_size)
+    classifier = load(model_dir, batch_size=batch_size, base=base)
     cfg = classifier.loaded.meta["config"]
     spec = data_spec or cfg.get("data") or str(data.demo_data_dir())
     split_data = data.load_eval_split(

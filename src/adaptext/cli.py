@@ -85,6 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.data_subset,
         args.encoding,
         args.limit,
+        args.base,
     )
     if args.json:
         print(json.dumps(metrics))
@@ -110,7 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as exc:
             raise AdaptextError(f"stdin is not valid UTF-8 (bad byte at position {exc.start}); re-encode it") from None
-    classifier = load(args.model, batch_size=args.batch_size, precision=args.precision)
+    classifier = load(args.model, batch_size=args.batch_size, precision=args.precision, base=args.base)
     results = classifier.predict(texts, top_k=args.top_k)
     if args.output:
         write_predictions(Path(args.output), texts, results, classifier.class_names)
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--limit", type=int, help="evaluate a stratified sample of this many examples")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--save", help="also write eval_metrics.json and confusion_matrix.png into this folder")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_evaluate)
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", type=_str_list)
     p.add_argument("--output", help="write predictions to this .csv or .jsonl file")
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
     p.add_argument("--json", action="store_true", help="one JSON object per text on stdout")
