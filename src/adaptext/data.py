@@ -161,11 +161,8 @@ def table_to_split(
     frame = table.frame
     if len(frame) == 0:
         raise AdaptextError(f"{table.origin} has no rows; give a file with examples")
-    text_cols = text_columns or [_pick_column(frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
-    for col in text_cols:
-        _pick_column(frame, col, TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    texts = table_texts(table, text_columns)
     label_col = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
-    texts = _texts(frame, text_cols, table.origin)
     labels = encode_labels(_raw_labels(frame, label_col, table.origin), class_names, declared, table.origin, label2id)
     return Split(texts, labels)
 
@@ -317,10 +314,14 @@ def load_eval_split(
     return table_to_split(table, text_column, label_column, class_names, declared)
 
 
-def read_texts(path: str, text_columns: list[str] | None = None, encoding: str = "utf-8") -> list[str]:
-    """Texts to classify from a CSV/TSV/JSON/JSONL/Parquet file (labels, if any, are ignored)."""
-    table = read_table(Path(path), encoding)
+def table_texts(table: Table, text_columns: list[str] | None) -> list[str]:
+    """The text of every row: the named columns joined, or the auto-detected text column."""
     columns = text_columns or [_pick_column(table.frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
     for column in columns:
         _pick_column(table.frame, column, TEXT_CANDIDATES, "text", "--text-column", table.origin)
     return _texts(table.frame, columns, table.origin)
+
+
+def read_texts(path: str, text_columns: list[str] | None = None, encoding: str = "utf-8") -> list[str]:
+    """Texts to classify from a CSV/TSV/JSON/JSONL/Parquet file (labels, if any, are ignored)."""
+    return table_texts(read_table(Path(path), encoding), text_columns)
