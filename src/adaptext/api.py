@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from adaptext import artifacts, config, data, models
@@ -17,9 +20,23 @@ from adaptext.card import model_card
 from adaptext.errors import AdaptextError
 from adaptext.metrics import classification_metrics, format_report, save_confusion_png
 from adaptext.predict import load
-from adaptext.train import pick_device, predict_logits, resolve_precision, seed_everything, tokenize, train_loop
+from adaptext.train import (
+    pick_device,
+    planned_steps,
+    predict_logits,
+    resolve_precision,
+    seed_everything,
+    tokenize,
+    train_loop,
+)
 
 LIBRARIES = ("adaptext", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "scikit-learn")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def library_versions() -> dict[str, str]:
@@ -76,21 +93,25 @@ def train(
     id2label = dict(enumerate(dataset.class_names))
     model, head_modules = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id)
     fingerprint = artifacts.base_fingerprint(model)
-    model, targets = models.prepare(model, cfg, head_modules)
+    model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(dataset.splits["train"]), cfg)[2])
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dora", "rslora"):
         echo(
-            f"lora: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}"
+            f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}"
             + (f" layers {cfg.layers}" if cfg.layers else "")
         )
+    elif targets:
+        echo(f"{cfg.method}: on {', '.join(targets)}" + (f" layers {cfg.layers}" if cfg.layers else ""))
     echo(
         f"trainable: {params.adapter:,} adapter + {params.head:,} head = {params.trainable:,} "
         f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
     )
 
-    encoded = {name: tokenize(tokenizer, split.texts, cfg.max_length) for name, split in dataset.splits.items()}
+    encoded = {
+        name: tokenize(tokenizer, split.texts, cfg.max_length, cfg.long_text) for name, split in dataset.splits.items()
+    }
     device = pick_device()
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
@@ -119,6 +140,8 @@ def train(
                 logits = predict_logits(model, encoded[split], tokenizer.pad_token_id, eval_batch, precision, device)
                 metrics[split] = classification_metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "seconds": round(result.train_seconds, 2),
             "wall_seconds": round(result.wall_seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),

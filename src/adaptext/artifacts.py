@@ -1,6 +1,6 @@
 """Write and read the output directory: a standard PEFT adapter directory plus adaptext's metadata.
 
-Layout (method lora)::
+Layout (peft methods: lora, ia3, prompt...)::
 
     adapter_config.json, adapter_model.safetensors   # plain peft loads these (head included)
     tokenizer files, labels.json, adaptext.json       # label map; base model, resolved config
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ FORMAT_VERSION = 1
 META_FILE = "adaptext.json"
 LABELS_FILE = "labels.json"
 HEAD_FILE = "head_model.safetensors"
+PARTIAL_METHODS = ("head", "bitfit")  # saved as the trained tensors only, on top of the base
+MERGEABLE = ("lora", "dora", "rslora", "adalora", "ia3", "loha", "lokr")  # folded into the weights at load
+UNLOADABLE = ("lora", "dora", "rslora", "adalora")  # ...and unwrapped into a plain transformers model
+
+
+def is_peft(method: str) -> bool:
+    return method not in PARTIAL_METHODS and method != "full"
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
@@ -90,18 +98,15 @@ def label_map(class_names: list[str], pad_token_id: int) -> dict[str, Any]:
 
 def save_model(model: nn.Module, tokenizer: Any, folder: Path, method: str, head_modules: list[str]) -> None:
     """Weights in safetensors only: a PEFT adapter (+head), the head alone, or the full model."""
-    if method == "lora":
+    if is_peft(method):
         model.save_pretrained(folder)
         # peft writes a stub README; adaptext writes its own model card later.
         (folder / "README.md").unlink(missing_ok=True)
-    elif method == "head":
+    elif method in PARTIAL_METHODS:
         from safetensors.torch import save_file
 
-        state = {
-            n: p.detach().contiguous()
-            for n, p in model.named_parameters()
-            if any(n.startswith(h + ".") for h in head_modules)
-        }
+        # Exactly what was trained: the head, plus every bias for bitfit.
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(folder / HEAD_FILE))
     else:
         model.save_pretrained(folder)
@@ -121,6 +126,10 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         return int(self.meta["config"]["max_length"])
+
+    @property
+    def long_text(self) -> str:
+        return str(self.meta["config"].get("long_text", "truncate"))  # models saved before the option
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -173,8 +182,8 @@ def load_model(
     else:
         model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"])
         _check_same_base(model, meta, source)
-        if method == "lora":
-            model = _attach_adapter(model, folder, merge)
+        if is_peft(method):
+            model = _attach_adapter(model, folder, merge and method in MERGEABLE, method)
         else:
             _load_head(model, folder)
     model.eval()
@@ -203,17 +212,28 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _attach_adapter(model: nn.Module, folder: Path, merge: bool) -> nn.Module:
+def _attach_adapter(model: nn.Module, folder: Path, merge: bool, meta_method: str) -> nn.Module:
     from peft import PeftModel
 
     if not (folder / "adapter_model.safetensors").is_file():
         raise AdaptextError(f"{folder} has no adapter_model.safetensors; only safetensors weights are loaded")
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder))
+        with warnings.catch_warnings():
+            # AdaLoRA records its pruned ranks under names peft itself no longer matches on reload;
+            # the pruned entries are saved as zeros, so the reloaded model computes the same function.
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys")
+            peft_model = PeftModel.from_pretrained(model, str(folder))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
         raise AdaptextError(f"adapter in {folder} does not fit its base model ({first}); retrain it") from None
-    return peft_model.merge_and_unload() if merge else peft_model
+    if not merge:
+        return peft_model
+    if meta_method in UNLOADABLE:
+        return peft_model.merge_and_unload()
+    # peft's unload fails on composite heads (RoBERTa's classifier) for IA3/LoHa/LoKr; merging the
+    # weights in place gives the same speed-up and keeps the module tree.
+    peft_model.merge_adapter()
+    return peft_model
 
 
 def _load_head(model: nn.Module, folder: Path) -> None:

@@ -7,7 +7,12 @@ from typing import Any
 
 import yaml
 
-METHOD_NAMES = {"lora": "LoRA", "head": "head-only", "full": "fully fine-tuned"}
+METHOD_NAMES = {
+    "lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA",
+    "loha": "LoHa", "lokr": "LoKr", "prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "P-tuned",
+    "bitfit": "BitFit (bias-only)", "head": "head-only", "full": "fully fine-tuned",
+}  # fmt: skip
+NOT_PEFT = ("head", "bitfit", "full")
 
 
 def dataset_name(spec: str | None) -> str:
@@ -29,7 +34,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
     split = "test" if metrics.get("test") else "validation"
     header = {
         "base_model": base_id,
-        "library_name": "peft" if meta["method"] == "lora" else "transformers",
+        "library_name": "transformers" if meta["method"] in NOT_PEFT else "peft",
         "pipeline_tag": "text-classification",
         "tags": ["adaptext", "text-classification", meta["method"]],
         "datasets": [dataset],
@@ -59,7 +64,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
     labels = ", ".join(meta["class_names"])
     num_labels = len(meta["class_names"])
     peft_snippet = ""
-    if meta["method"] == "lora":
+    if meta["method"] not in NOT_PEFT:
         peft_snippet = f"""
 With plain `peft` + `transformers` (no adaptext needed):
 
@@ -82,7 +87,7 @@ and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.
 
 # {folder_name}
 
-A {meta["method"].upper() if meta["method"] == "lora" else meta["method"]} text classifier fine-tuned from
+A {METHOD_NAMES.get(meta["method"], meta["method"])} text classifier fine-tuned from
 `{base_id}` with [adaptext](https://pypi.org/project/adaptext/) on `{dataset}`.
 
 Labels ({num_labels}): {labels}

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,22 @@ def _int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
+COMMAND_KEYS = ("command", "config", "func", "quiet", "preset", "methods", "seeds", "set")
+
+
+def gather_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Preset, then config file, then command-line flags (later wins): training options and study keys."""
+    values = config.load_preset(args.preset) if getattr(args, "preset", None) else {}
+    if args.config:
+        values.update(config.load_file(args.config))
+    values.update({k: v for k, v in vars(args).items() if k not in COMMAND_KEYS})
+    return config.split_study(values)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from adaptext import api
 
-    values = config.load_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")})
+    values, _ = gather_options(args)
     outcome = api.train(config.from_dict(values, source=args.config or "arguments"), progress=not args.quiet)
     if not values.get("data"):  # the built-in set: show a few of its test headlines classified
         _show_samples(outcome.output)
@@ -68,6 +80,33 @@ def _show_samples(output: Path) -> None:
 def load_labels(output: Path) -> list[str]:
     labels = json.loads((output / "labels.json").read_text(encoding="utf-8"))
     return [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from adaptext import compare
+
+    values, study = gather_options(args)
+    if args.methods is not None:
+        study["methods"] = args.methods
+    if args.seeds is not None:
+        study["seeds"] = args.seeds
+    unknown = set(study.get("arms") or {}) - set(compare.ARMS)
+    if not isinstance(study.get("arms") or {}, dict) or unknown:
+        raise AdaptextError(f"arms: expected a mapping of method -> options (unknown: {', '.join(sorted(unknown))})")
+    base = config.validate(config.from_dict(values, source=args.config or "arguments"))
+    output = Path(base.output) if base.output else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    seeds = study.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool):
+        raise AdaptextError(f"seeds: expected a whole number (got {seeds!r})")
+    plan = compare.Study(
+        base=base,
+        methods=list(study.get("methods") or compare.DEFAULT_METHODS),
+        seeds=seeds,
+        overrides=compare.parse_overrides(args.set, study.get("arms")),
+        output=output,
+    )
+    compare.run_study(plan, progress=not args.quiet)
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -156,6 +195,13 @@ def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]
         tmp.unlink(missing_ok=True)
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="start from a shipped recipe: " + ", ".join(config.preset_names()))
+    p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptext", description="Fine-tune transformers for text classification with LoRA, evaluate, and predict."
@@ -170,10 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", "train on the built-in news-headline set and show predictions"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        add_config_flags(p)
+        _add_common(p)
         p.set_defaults(func=cmd_train)
+
+    help_text = "compare training methods (zero, head, PEFT methods, full) on identical data; resumable"
+    p = sub.add_parser("compare", help=help_text, description=help_text)
+    p.add_argument(
+        "--methods",
+        type=_str_list,
+        metavar="A,B",
+        help="arms to run: zero, "
+        + ", ".join(config.METHODS)
+        + " (default: "
+        + ",".join(["zero", "head", "lora", "ia3", "full"])
+        + ")",
+    )
+    p.add_argument(
+        "--seeds", type=int, help="runs per arm with seeds --seed, --seed+1, ... (default 1); mean and std are reported"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="METHOD.OPTION=VALUE",
+        help="per-arm override, e.g. --set ia3.lr=0.01 (repeatable)",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split or file")
     p.add_argument("--model", required=True, help="output directory of adaptext train")

@@ -18,14 +18,22 @@ import yaml
 
 from adaptext.errors import AdaptextError
 
-METHODS = ("lora", "head", "full")
+METHODS = (
+    "lora", "dora", "rslora", "adalora", "ia3", "vera", "loha", "lokr",
+    "prompt", "prefix", "ptuning", "bitfit", "head", "full",
+)  # fmt: skip
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
+LONG_TEXT = ("head+tail", "truncate")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss")
 
 # LoRA trains a tiny low-rank update and a fresh head, so it wants a much higher learning rate than
 # full fine-tuning (peft #1948). These defaults were measured on AG News with MiniLM (docs/RESULTS.md).
-DEFAULT_LR = {"lora": 2e-3, "head": 5e-3, "full": 5e-5}
+DEFAULT_LR = {
+    "lora": 2e-3, "dora": 2e-3, "rslora": 1e-3, "adalora": 2e-3, "ia3": 1e-2, "vera": 1e-2,
+    "loha": 2e-3, "lokr": 2e-3, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2,
+    "bitfit": 2e-3, "head": 5e-3, "full": 5e-5,
+}  # fmt: skip
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -58,15 +66,26 @@ class TrainConfig:
     validation_fraction: float = _f(0.1, "Share of train carved out for validation when none exists.")
     train_size: int | None = _f(None, "Use a stratified sample of this many training examples.")
     eval_size: int | None = _f(None, "Use a stratified sample of this many validation examples.")
+    test_size: int | None = _f(None, "Use a stratified sample of this many test examples.")
+    data_seed: int | None = _f(None, "Seed for sampling and splitting the data. Default: --seed.")
     encoding: str = _f("utf-8", "Text encoding of CSV/TSV/JSON files.")
     # --- model
     model: str = _f(
         "minilm",
         "Base model: a Hub id, a local directory, or an alias (minilm, mpnet).",
     )
-    max_length: int = _f(256, "Truncate texts to this many tokens (batches are padded dynamically).")
+    max_length: int = _f(256, "Cut texts to this many tokens (batches are padded dynamically).")
+    long_text: str = _f(
+        "head+tail",
+        "Texts longer than --max-length: head+tail keeps the first quarter and the last three quarters "
+        "of the tokens (the end of a review carries its verdict); truncate keeps the beginning.",
+    )
     # --- parameter-efficient method
-    method: str = _f("lora", "What to train: lora (adapters + head), head (head only), full.")
+    method: str = _f(
+        "lora",
+        "What to train besides the head: lora, dora, rslora, adalora, ia3, vera, loha, lokr (peft adapters), "
+        "prompt, prefix, ptuning (virtual tokens), bitfit (biases), head (head only), full (everything).",
+    )
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA scaling alpha.")
     lora_dropout: float = _f(0.1, "Dropout on the LoRA input.")
@@ -76,13 +95,16 @@ class TrainConfig:
     layers: list[int] | None = _f(None, "Adapt only these layer indices (peft layers_to_transform).")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    vera_r: int = _f(256, "VeRA rank (its shared random matrices want a high rank).")
+    virtual_tokens: int = _f(20, "Virtual tokens for prompt, prefix and ptuning.")
     # --- optimisation
     lr: float | None = _f(None, "Peak learning rate. Default depends on method: " + str(DEFAULT_LR))
-    epochs: float = _f(3, "Training epochs (fractions allowed).")
+    epochs: float = _f(3, "Training epochs (fractions allowed; 0 saves and scores the untrained model).")
     batch_size: int = _f(16, "Examples per optimiser step (before accumulation).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
     warmup_ratio: float = _f(0.06, "Share of steps for linear warm-up.")
+    warmup_steps: int | None = _f(None, "Warm-up steps (overrides --warmup-ratio).")
     scheduler: str = _f("linear", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     class_weights: bool = _f(False, "Weight the loss by inverse class frequency.")
@@ -118,9 +140,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("method", cfg.method, METHODS)
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
+    _check_choice("long_text", cfg.long_text, LONG_TEXT)
     _check_choice("metric", cfg.metric, METRICS)
+    if cfg.epochs is None or cfg.epochs < 0:
+        raise AdaptextError(f"--epochs must be >= 0 (got {cfg.epochs}); 0 evaluates the untrained model")
     positive = {
-        "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "max_length": cfg.max_length,
@@ -128,11 +152,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "lora_alpha": cfg.lora_alpha,
         "log_every": cfg.log_every,
         "evals_per_epoch": cfg.evals_per_epoch,
+        "vera_r": cfg.vera_r,
+        "virtual_tokens": cfg.virtual_tokens,
     }
     for name, value in positive.items():
         if value is None or value <= 0:
             raise AdaptextError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
-    for name in ("train_size", "eval_size"):
+    for name in ("train_size", "eval_size", "test_size"):
         value = getattr(cfg, name)
         if value is not None and value < 2:
             raise AdaptextError(f"--{name.replace('_', '-')} must be at least 2 (got {value})")
@@ -142,6 +168,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise AdaptextError("--validation-fraction must be between 0 and 1")
     if not 0 <= cfg.warmup_ratio < 1:
         raise AdaptextError("--warmup-ratio must be in [0, 1)")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise AdaptextError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
     if not 0 <= cfg.lora_dropout < 1:
         raise AdaptextError("--lora-dropout must be in [0, 1)")
     return cfg
@@ -182,3 +210,36 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def save(cfg: TrainConfig, path: Path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# Keys a preset or config file may carry besides the training options: used by `adaptext compare`.
+STUDY_KEYS = ("methods", "seeds", "arms")
+
+
+def preset_names() -> list[str]:
+    from importlib.resources import files
+
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in files("adaptext").joinpath("presets").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A shipped recipe (``adaptext/presets/NAME.yaml``) as a mapping of options; ``description`` dropped."""
+    from importlib.resources import files
+
+    if name not in preset_names():
+        hint = difflib.get_close_matches(name, preset_names(), n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "choose from " + ", ".join(preset_names())
+        raise AdaptextError(f"unknown preset {name!r}; {fix}")
+    values = yaml.safe_load(files("adaptext").joinpath("presets", f"{name}.yaml").read_text(encoding="utf-8"))
+    values.pop("description", None)
+    return values
+
+
+def split_study(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate training options from study keys (methods, seeds, arms)."""
+    study = {k: values[k] for k in STUDY_KEYS if k in values}
+    return {k: v for k, v in values.items() if k not in STUDY_KEYS}, study

@@ -245,6 +245,7 @@ def load_training_data(cfg: Any) -> TextDataset:
         missing = [class_names[i] for i in range(len(class_names)) if i not in present]
         notes.append(f"classes with no training example: {', '.join(missing)}")
 
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     val_name = cfg.validation_split
     if val_name is None:
         val_name = next((n for n in ("validation", "valid", "dev") if n in tables), None)
@@ -252,26 +253,26 @@ def load_training_data(cfg: Any) -> TextDataset:
         raise AdaptextError(f"{spec}: no split {val_name!r} (found: {', '.join(tables)}); fix --validation-split")
 
     if val_name is not None:
-        train = stratified_sample(train, cfg.train_size, cfg.seed)
+        train = stratified_sample(train, cfg.train_size, seed)
         validation = convert(tables[val_name])
     elif cfg.train_size is not None and len(train) - cfg.train_size >= 2 * len(present):
         # Keep the full --train-size budget for training; validate on examples it did not draw.
-        train_idx, rest_idx = _stratified_indices(train.labels, cfg.train_size, cfg.seed)
+        train_idx, rest_idx = _stratified_indices(train.labels, cfg.train_size, seed)
         train, rest = _pick(train, train_idx), _pick(train, rest_idx)
         n_val = cfg.eval_size or max(round(len(train) * cfg.validation_fraction), min(200, len(rest)))
-        validation = stratified_sample(rest, n_val, cfg.seed)
+        validation = stratified_sample(rest, n_val, seed)
         notes.append(
             f"validation: {len(validation)} examples drawn (stratified) from the training file, "
             f"none of them among the {len(train):,} training examples"
         )
     else:
-        train = stratified_sample(train, cfg.train_size, cfg.seed)
-        train, validation = carve_validation(train, cfg.validation_fraction, cfg.seed)
+        train = stratified_sample(train, cfg.train_size, seed)
+        train, validation = carve_validation(train, cfg.validation_fraction, seed)
         notes.append(f"validation: {len(validation)} examples carved (stratified) from train")
-    validation = stratified_sample(validation, cfg.eval_size, cfg.seed)
+    validation = stratified_sample(validation, cfg.eval_size, seed)
     splits = {"train": train, "validation": validation}
     if "test" in tables and cfg.train_split != "test":
-        splits["test"] = convert(tables["test"])
+        splits["test"] = stratified_sample(convert(tables["test"]), cfg.test_size, seed)
     _check_unseen(splits, class_names)
     return TextDataset(splits, class_names, spec, notes)
 

@@ -238,6 +238,10 @@ TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+PROMPT_METHODS = ("prompt", "prefix", "ptuning")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neo", "gptj", "opt")
+
+
 def linear_module_names(model: nn.Module, exclude: list[str]) -> list[str]:
     """Leaf names of every Linear/Conv1D outside the new (head) modules."""
     from transformers.pytorch_utils import Conv1D
@@ -304,33 +308,102 @@ def count_params(model: nn.Module, head_modules: list[str]) -> ParamCounts:
     return ParamCounts(adapter, head, total)
 
 
-def prepare(model: nn.Module, cfg: Any, head_modules: list[str]) -> tuple[nn.Module, list[str]]:
-    """Attach the training method: LoRA adapters + trainable head, head only, or everything."""
+def _peft_config(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: int) -> tuple[Any, list[str]]:
+    """The peft config for ``cfg.method`` and the modules it adapts (none for prompt methods)."""
+    import peft
+
+    common = {"task_type": peft.TaskType.SEQ_CLS, "modules_to_save": list(head_modules)}
+    method = cfg.method
+    if method in PROMPT_METHODS:
+        # peft reads these from config.hidden_size & co., which DistilBERT and GPT-2 name differently.
+        conf = model.config
+        common.update(
+            token_dim=getattr(conf, "hidden_size", None) or getattr(conf, "dim", None) or getattr(conf, "n_embd", None),
+            num_attention_heads=getattr(conf, "num_attention_heads", None) or getattr(conf, "n_heads", None),
+            num_layers=getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layers", None),
+        )
+        if method == "prompt":
+            return peft.PromptTuningConfig(num_virtual_tokens=cfg.virtual_tokens, **common), []
+        if method == "prefix":
+            return peft.PrefixTuningConfig(num_virtual_tokens=cfg.virtual_tokens, **common), []
+        return peft.PromptEncoderConfig(num_virtual_tokens=cfg.virtual_tokens, encoder_hidden_size=128, **common), []
+    targets = resolve_targets(model, cfg.target_modules, head_modules)
+    common["target_modules"] = list(targets)
+    if cfg.layers:
+        if method == "ia3":
+            raise AdaptextError("--layers is not supported by ia3 in peft; name the modules with --target-modules")
+        common["layers_to_transform"] = cfg.layers
+    gpt2 = getattr(model.config, "model_type", "") == "gpt2"  # Conv1D weights are stored transposed
+    if method in ("lora", "dora", "rslora"):
+        return peft.LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            use_dora=cfg.use_dora or method == "dora",
+            use_rslora=cfg.use_rslora or method == "rslora",
+            fan_in_fan_out=gpt2,
+            **common,
+        ), targets
+    if method == "adalora":
+        # Start at 1.5x the rank and prune to --lora-r between 10% and 75% of training (peft's schedule).
+        return peft.AdaLoraConfig(
+            init_r=max(cfg.lora_r * 3 // 2, cfg.lora_r + 1),
+            target_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            total_step=max(total_steps, 10),
+            tinit=max(total_steps // 10, 1),
+            tfinal=max(total_steps // 4, 1),
+            deltaT=max(total_steps // 50, 1),
+            fan_in_fan_out=gpt2,
+            **common,
+        ), targets
+    if method == "ia3":
+        return peft.IA3Config(feedforward_modules=[], fan_in_fan_out=gpt2, **common), targets
+    if method == "vera":
+        return peft.VeraConfig(r=cfg.vera_r, vera_dropout=cfg.lora_dropout, fan_in_fan_out=gpt2, **common), targets
+    if method == "loha":
+        return peft.LoHaConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, module_dropout=0.0, **common), targets
+    if method == "lokr":
+        return peft.LoKrConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, module_dropout=0.0, **common), targets
+    raise AdaptextError(f"unknown method {method!r}")
+
+
+def prepare(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: int = 100) -> tuple[nn.Module, list[str]]:
+    """Attach the training method: peft adapters + trainable head, head only, biases, or everything."""
     if cfg.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model, []
-    if cfg.method == "head":
+    if cfg.method in ("head", "bitfit"):
+        bias = cfg.method == "bitfit"
         for name, param in model.named_parameters():
-            param.requires_grad_(any(name.startswith(h + ".") for h in head_modules))
+            in_head = any(name.startswith(h + ".") for h in head_modules)
+            param.requires_grad_(in_head or (bias and name.endswith(".bias")))
         return model, []
-    from peft import LoraConfig, TaskType, get_peft_model
+    decoder = getattr(model.config, "model_type", "") in DECODERS
+    if cfg.method in ("prompt", "ptuning") and decoder:
+        raise AdaptextError(
+            f"--method {cfg.method} does not work with decoder classifiers ({model.config.model_type}): peft feeds "
+            "embeddings, so the last real token cannot be found under padding; use lora or prefix"
+        )
+    from peft import get_peft_model
 
-    targets = resolve_targets(model, cfg.target_modules, head_modules)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(targets),
-        modules_to_save=list(head_modules),
-        layers_to_transform=cfg.layers,
-        use_dora=cfg.use_dora,
-        use_rslora=cfg.use_rslora,
-        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
-    )
+    peft_config, targets = _peft_config(model, cfg, head_modules, total_steps)
     try:
-        return get_peft_model(model, lora), targets
-    except ValueError as exc:
+        peft_model = get_peft_model(model, peft_config)
+        if cfg.method == "prefix":  # models without a key/value cache only fail at the first forward
+            with torch.no_grad():
+                peft_model(
+                    input_ids=torch.ones((1, 2), dtype=torch.long), attention_mask=torch.ones((1, 2), dtype=torch.long)
+                )
+        return peft_model, targets
+    except (ValueError, TypeError, AttributeError) as exc:
         first = str(exc).splitlines()[0][:200]
-        raise AdaptextError(f"LoRA could not be attached ({first}); check --target-modules and --layers") from None
+        if cfg.method == "prefix":
+            fix = f"{model.config.model_type} takes no past_key_values in this transformers version; use lora, prompt or ptuning"
+        elif cfg.method in PROMPT_METHODS:
+            fix = f"{model.config.model_type} cannot take it in this transformers version; use lora"
+        else:
+            fix = "check --target-modules and --layers"
+        raise AdaptextError(f"{cfg.method} could not be attached ({first}); {fix}") from None

@@ -31,7 +31,7 @@ class Classifier:
         texts = check_texts(texts)
         if not texts:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        encoded = tokenize(self.loaded.tokenizer, texts, self.loaded.max_length)
+        encoded = tokenize(self.loaded.tokenizer, texts, self.loaded.max_length, self.loaded.long_text)
         pad_id = self.loaded.tokenizer.pad_token_id
         return predict_logits(self.loaded.model, encoded, pad_id, self.batch_size, self.precision, self.device)
 

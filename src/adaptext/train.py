@@ -64,17 +64,51 @@ def autocast(precision: str, device: torch.device):
 # ---------------------------------------------------------------- tokenisation and batching
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated, unpadded: padding happens per batch."""
+def special_token_split(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a single text."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(probe) + 1):
+        if full[start : start + len(probe)] == probe:
+            return start, len(full) - start - len(probe)
+    return 0, 0
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, long_text: str = "truncate") -> list[list[int]]:
+    """Token ids per text, cut to ``max_length``, unpadded: padding happens per batch.
+
+    ``truncate`` keeps the beginning; ``head+tail`` keeps the first quarter and the last three
+    quarters of the budget (Sun et al. 2019: the end of a review carries its verdict).
+    """
     cap = max_length * CHARS_PER_TOKEN_CAP
-    clipped = [t if len(t) <= cap else t[:cap] for t in texts]
+    if long_text == "head+tail":
+        # Cutting out the middle characters keeps the first and last max_length tokens intact.
+        clipped = [t if len(t) <= 2 * cap else t[:cap] + " " + t[-cap:] for t in texts]
+    else:
+        clipped = [t if len(t) <= cap else t[:cap] for t in texts]
     ids: list[list[int]] = []
     for start in range(0, len(clipped), TOKENIZE_CHUNK):  # chunks: the full encodings are heavy
         chunk = clipped[start : start + TOKENIZE_CHUNK]
-        ids += tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        if long_text == "head+tail":
+            ids += _head_tail(tokenizer, chunk, max_length)
+        else:
+            ids += tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
     # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
     filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     return [seq if seq else [filler] for seq in ids]
+
+
+def _head_tail(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    before, after = special_token_split(tokenizer)
+    budget = max(max_length - before - after, 1)
+    head = budget // 4
+    out = []
+    for seq in tokenizer(texts, truncation=False, padding=False, verbose=False)["input_ids"]:
+        if len(seq) > max_length:
+            body = seq[before : len(seq) - after]
+            seq = seq[:before] + body[:head] + body[len(body) - (budget - head) :] + seq[len(seq) - after :]
+        out.append(seq)
+    return out
 
 
 def collate(ids: list[list[int]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
@@ -188,6 +222,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def planned_steps(n_train: int, cfg: Any) -> tuple[int, int, int]:
+    """Batches per epoch, batches in all, optimiser steps in all."""
+    batches_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_batches = math.ceil(batches_per_epoch * cfg.epochs)
+    return batches_per_epoch, total_batches, math.ceil(total_batches / cfg.grad_accum)
+
+
 def train_loop(
     model: nn.Module,
     train_ids: list[list[int]],
@@ -206,10 +247,8 @@ def train_loop(
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     lengths = [len(x) for x in train_ids]
-    batches_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
-    total_batches = math.ceil(batches_per_epoch * cfg.epochs)
-    total_steps = math.ceil(total_batches / cfg.grad_accum)
-    warmup = int(cfg.warmup_ratio * total_steps)
+    batches_per_epoch, total_batches, total_steps = planned_steps(len(train_ids), cfg)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     eval_points = {
         min(e * batches_per_epoch + round(k * batches_per_epoch / cfg.evals_per_epoch), total_batches)
         for e in range(math.ceil(cfg.epochs))
@@ -222,6 +261,7 @@ def train_loop(
     weights = class_weight_tensor(train_labels, len(class_names)).to(device) if cfg.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     labels_all = torch.tensor(train_labels, dtype=torch.long)
+    rank_allocator = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
 
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
@@ -258,6 +298,8 @@ def train_loop(
                     for group in optimizer.param_groups:
                         group["lr"] = cfg.resolved_lr() * factor
                     optimizer.step()
+                    if rank_allocator is not None:  # AdaLoRA prunes ranks from the gradients' sensitivity
+                        rank_allocator(step)
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     elapsed = time.perf_counter() - started
@@ -301,8 +343,8 @@ def train_loop(
             log.close()
     result.train_seconds = time.perf_counter() - started
     result.wall_seconds = time.perf_counter() - wall_started
-    result.samples_per_second = seen / result.train_seconds
-    result.tokens_per_second = tokens / result.train_seconds
+    result.samples_per_second = seen / result.train_seconds if seen else 0.0
+    result.tokens_per_second = tokens / result.train_seconds if seen else 0.0
     result.steps = step
     if best_state is not None:
         params = dict(model.named_parameters())
