@@ -108,3 +108,15 @@ def test_dora_trains_and_reloads(tiny_models, topic_dir, tmp_path):
     outcome = quiet_train(tiny_models, topic_dir, tmp_path, "dora", epochs=1, use_dora=True, layers=[1])
     again = adaptext.evaluate(outcome.output, str(topic_dir), split="test")
     assert again["accuracy"] == outcome.metrics["test"]["accuracy"]
+
+
+def test_warns_when_validation_ends_at_the_majority_class_rate():
+    from adaptext.config import TrainConfig
+
+    lines = []
+    stuck = {"accuracy": 0.5}
+    api._warn_if_nothing_learned(stuck, [0, 0, 1, 1], TrainConfig(lr=2e-3), lines.append)
+    assert len(lines) == 1 and "no better than always answering the most common class (0.500)" in lines[0]
+    assert "--lr (now 0.002)" in lines[0]
+    api._warn_if_nothing_learned({"accuracy": 0.8}, [0, 0, 1, 1], TrainConfig(), lines.append)
+    assert len(lines) == 1

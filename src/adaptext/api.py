@@ -186,8 +186,21 @@ def train(
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
+    if cfg.epochs > 0:
+        _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+def _warn_if_nothing_learned(val: dict[str, Any], labels: list[int], cfg: config.TrainConfig, echo: Callable) -> None:
+    """A model that ends at the majority-class rate has diverged or learned nothing: say so, say what to try."""
+    majority = max(labels.count(c) for c in set(labels)) / len(labels)
+    if val["accuracy"] <= majority + 0.01:
+        echo(
+            f"warning: validation accuracy {val['accuracy']:.3f} is no better than always answering the most "
+            f"common class ({majority:.3f}): training diverged or learned nothing; try a lower --lr "
+            f"(now {cfg.resolved_lr():g}) or more --epochs"
+        )
 
 
 def _tensorboard(folder: Path, history: list[dict[str, Any]]) -> None:
