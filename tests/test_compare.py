@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,32 @@ def test_outputs_results_report_and_plots(study):
     assert page.count("data:image/png;base64,") == 4 and 'src="http' not in page  # self-contained
     md = (out / "report.md").read_text()
     assert "| lora (LoRA) |" in md and "![Accuracy vs trainable parameters](accuracy_vs_params.png)" in md
+
+
+def chromium_path():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("ADAPTEXT_REQUIRE_BROWSER"):
+            pytest.fail("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    return path
+
+
+def test_report_html_renders_its_plots_in_a_browser(study):
+    from playwright.sync_api import sync_playwright
+
+    out, _ = study
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "report.html").resolve().as_uri())
+        images = page.evaluate(
+            "[...document.images].map(i => ({ok: i.complete && i.naturalWidth > 100, w: i.getBoundingClientRect().width}))"
+        )
+        rows = page.locator("table").first.locator("tbody tr").count()
+        browser.close()
+    assert len(images) == 4 and all(i["ok"] and i["w"] > 100 for i in images), images
+    assert rows == 3
 
 
 def test_arms_flagged_at_or_below_chance(study):
