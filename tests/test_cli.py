@@ -184,7 +184,7 @@ def test_unknown_model_and_unreachable_hub(topic_dir, tmp_path):
 
 def test_bad_options(topic_dir, tmp_path):
     assert_clean_failure(run_cli("train", "--data", str(topic_dir), "--method", "qlora"), "--method 'qlora'")
-    assert_clean_failure(run_cli("train", "--data", str(topic_dir), "--epochs", "0"), "--epochs must be > 0")
+    assert_clean_failure(run_cli("train", "--data", str(topic_dir), "--epochs", "-1"), "--epochs must be >= 0")
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 0.1\n")
     assert_clean_failure(run_cli("train", "--config", str(config)), "unknown option 'learning_rate'")
