@@ -7,12 +7,13 @@ from typing import Any
 
 import yaml
 
+from adaptext.artifacts import is_peft
+
 METHOD_NAMES = {
     "lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA",
     "loha": "LoHa", "lokr": "LoKr", "prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "P-tuned",
     "bitfit": "BitFit (bias-only)", "head": "head-only", "full": "fully fine-tuned",
 }  # fmt: skip
-NOT_PEFT = ("head", "bitfit", "full")
 
 
 def dataset_name(spec: str | None) -> str:
@@ -34,7 +35,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
     split = "test" if metrics.get("test") else "validation"
     header = {
         "base_model": base_id,
-        "library_name": "transformers" if meta["method"] in NOT_PEFT else "peft",
+        "library_name": "peft" if is_peft(meta["method"]) else "transformers",
         "pipeline_tag": "text-classification",
         "tags": ["adaptext", "text-classification", meta["method"]],
         "datasets": [dataset],
@@ -64,7 +65,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
     labels = ", ".join(meta["class_names"])
     num_labels = len(meta["class_names"])
     peft_snippet = ""
-    if meta["method"] not in NOT_PEFT:
+    if is_peft(meta["method"]):
         peft_snippet = f"""
 With plain `peft` + `transformers` (no adaptext needed):
 

@@ -239,7 +239,12 @@ TARGET_MODULES: dict[str, list[str]] = {
 
 
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
-DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neo", "gptj", "opt")
+
+
+def pools_last_token(model: nn.Module) -> bool:
+    """Decoder classifiers in transformers (GPT-2, Llama, Mistral, Qwen, Phi...) score the last real token
+    through a head named ``score``; encoders use ``classifier``."""
+    return isinstance(getattr(model, "score", None), nn.Module)
 
 
 def linear_module_names(model: nn.Module, exclude: list[str]) -> list[str]:
@@ -381,8 +386,7 @@ def prepare(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: in
             in_head = any(name.startswith(h + ".") for h in head_modules)
             param.requires_grad_(in_head or (bias and name.endswith(".bias")))
         return model, []
-    decoder = getattr(model.config, "model_type", "") in DECODERS
-    if cfg.method in ("prompt", "ptuning") and decoder:
+    if cfg.method in ("prompt", "ptuning") and pools_last_token(model):
         raise AdaptextError(
             f"--method {cfg.method} does not work with decoder classifiers ({model.config.model_type}): peft feeds "
             "embeddings, so the last real token cannot be found under padding; use lora or prefix"
