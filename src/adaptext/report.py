@@ -207,6 +207,7 @@ def write_all(folder: Path, results: dict[str, Any]) -> None:
     plots = write_plots(folder, results)
     header, rows = summary_rows(results)
     pc_header, pc_rows = per_class_rows(results)
+    notes = findings(results)
     lrs = ", ".join(
         f"{a['method']} {a['lr']:g}" for a in results["arms"] if a["status"] == "ok" and a["method"] != "zero"
     )
@@ -215,7 +216,7 @@ def write_all(folder: Path, results: dict[str, Any]) -> None:
         "",
         _setup_line(results),
         "",
-        *(f"- {line}" for line in findings(results)),
+        *(f"- {line}" for line in notes),
         "",
         "## Results (mean ± std over seeds)",
         "",
@@ -241,7 +242,7 @@ def write_all(folder: Path, results: dict[str, Any]) -> None:
         f'{base64.b64encode((folder / p).read_bytes()).decode()}"><figcaption>{html.escape(PLOTS[p])}</figcaption></figure>'
         for p in plots
     )
-    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in findings(results))
+    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in notes)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>adaptext compare</title>
 <style>
