@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from adaptext import artifacts, config, data, models
+from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError
 from adaptext.metrics import classification_metrics, format_report, save_confusion_png
@@ -97,13 +98,17 @@ def train(
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
+    layers = feature_cache.adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
+    span = ",".join(map(str, layers or []))
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        span = f"{layers[0]}-{layers[-1]}"
+    where = f" in layers {span} of {feature_cache.num_layers(model)}" if layers else ""
     if cfg.method in ("lora", "dora", "rslora"):
         echo(
-            f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}"
-            + (f" layers {cfg.layers}" if cfg.layers else "")
+            f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}{where}"
         )
-    elif targets:
-        echo(f"{cfg.method}: on {', '.join(targets)}" + (f" layers {cfg.layers}" if cfg.layers else ""))
+    elif targets or layers:
+        echo(f"{cfg.method}: on {', '.join(targets) or 'every weight'}{where}")
     echo(
         f"trainable: {params.adapter:,} adapter + {params.head:,} head = {params.trainable:,} "
         f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
@@ -120,6 +125,9 @@ def train(
         f"lr {cfg.resolved_lr():g}, {precision} on {device.type}"
     )
 
+    features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
+    if features is not None or layers or cfg.method == "head":
+        echo(f"feature cache: {cache_note}")
     with artifacts.staged_dir(output) as staging:
         result = train_loop(
             model,
@@ -132,6 +140,7 @@ def train(
             cfg,
             staging / "train_log.jsonl",
             progress,
+            features,
         )
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
@@ -146,10 +155,13 @@ def train(
             "wall_seconds": round(result.wall_seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
+            "padding_fraction": round(result.padding_fraction, 4),
             "steps": result.steps,
             "stopped_early": result.stopped_early,
             "precision": precision,
             "device": device.type,
+            "feature_cache": cache_note,
+            "cached_layers": features.depth if features is not None else 0,
         }
         meta = {
             "format_version": artifacts.FORMAT_VERSION,
@@ -158,6 +170,7 @@ def train(
             "base_fingerprint": fingerprint,
             "head_modules": head_modules,
             "target_modules": targets,
+            "adapted_layers": layers,
             "params": params.to_dict(),
             "lr": cfg.resolved_lr(),
             "class_names": dataset.class_names,

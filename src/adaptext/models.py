@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptext.cache import adapted_layers, find_stack
 from adaptext.errors import AdaptextError
 
 
@@ -334,10 +335,11 @@ def _peft_config(model: nn.Module, cfg: Any, head_modules: list[str], total_step
         return peft.PromptEncoderConfig(num_virtual_tokens=cfg.virtual_tokens, encoder_hidden_size=128, **common), []
     targets = resolve_targets(model, cfg.target_modules, head_modules)
     common["target_modules"] = list(targets)
-    if cfg.layers:
+    layers = adapted_layers(model, cfg)
+    if layers:
         if method == "ia3":
             raise AdaptextError("--layers is not supported by ia3 in peft; name the modules with --target-modules")
-        common["layers_to_transform"] = cfg.layers
+        common["layers_to_transform"] = layers
     gpt2 = getattr(model.config, "model_type", "") == "gpt2"  # Conv1D weights are stored transposed
     if method in ("lora", "dora", "rslora"):
         return peft.LoraConfig(
@@ -377,8 +379,20 @@ def _peft_config(model: nn.Module, cfg: Any, head_modules: list[str], total_step
 def prepare(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: int = 100) -> tuple[nn.Module, list[str]]:
     """Attach the training method: peft adapters + trainable head, head only, biases, or everything."""
     if cfg.method == "full":
+        top = set(adapted_layers(model, cfg) or []) or None
+        blocks = find_stack(model).layers if top is not None and find_stack(model) else None
         for param in model.parameters():
-            param.requires_grad_(True)
+            param.requires_grad_(top is None)
+        if top is not None:
+            if blocks is None:
+                raise AdaptextError(
+                    f"--top-layers with --method full needs a layer list; {model.config.model_type} has none"
+                )
+            for index in top:
+                blocks[index].requires_grad_(True)
+            for name, module in model.named_modules():
+                if name in head_modules:
+                    module.requires_grad_(True)
         return model, []
     if cfg.method in ("head", "bitfit"):
         bias = cfg.method == "bitfit"

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptext.cache import FeatureCache
 from adaptext.metrics import classification_metrics
 
 # A token is at least one character after whitespace is collapsed, so cutting texts at this many
@@ -145,15 +147,23 @@ def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, encoded: list[list[int]], pad_id: int, batch_size: int, precision: str, device: torch.device
+    model: nn.Module,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    feed: Callable[[list[int], int], None] | None = None,
 ) -> np.ndarray:
-    """Logits in input order, computed over length-sorted batches."""
+    """Logits in input order, computed over length-sorted batches (``feed`` hands cached features in)."""
     was_training = model.training
     model.eval()
     num_labels = model.config.num_labels
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
     for batch in sorted_batches([len(x) for x in encoded], batch_size):
         inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad_id).items()}
+        if feed is not None:
+            feed(batch, inputs["input_ids"].shape[1])
         with autocast(precision, device):
             out = model(**inputs).logits
         logits[batch] = out.float().cpu().numpy()
@@ -218,6 +228,7 @@ class TrainResult:
     wall_seconds: float = 0.0  # including the validation passes
     samples_per_second: float = 0.0
     tokens_per_second: float = 0.0
+    padding_fraction: float = 0.0  # share of the training batches' positions that were padding
     steps: int = 0
     stopped_early: bool = False
 
@@ -240,8 +251,13 @@ def train_loop(
     cfg: Any,
     log_path: Path | None = None,
     progress: bool = True,
+    features: FeatureCache | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; on return it holds the best evaluated weights."""
+    """Train ``model`` in place; on return it holds the best evaluated weights.
+
+    With ``features`` (see adaptext.cache), the frozen lower layers run once over train and
+    validation at the start (counted in the training time) and every step runs only the layers above.
+    """
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
@@ -256,6 +272,10 @@ def train_loop(
     }
     eval_points.add(total_batches)
 
+    # Compiled graphs are shape-specialised: wider padding buckets mean a few compiles, not one per width.
+    # (Not with the feature cache: its per-batch stand-in tensor would recompile every step.)
+    step_model = torch.compile(model) if cfg.compile and features is None else model
+    pad_multiple = 32 if cfg.compile else 8
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.resolved_lr())
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = class_weight_tensor(train_labels, len(class_names)).to(device) if cfg.class_weights else None
@@ -273,78 +293,93 @@ def train_loop(
     bar = tqdm(total=total_batches, desc="train", unit="batch", disable=True if not progress else None, leave=False)
     model.train()
     step = batch_no = 0
-    seen = tokens = 0
+    seen = tokens = positions = 0
     window_loss, window_n = 0.0, 0
     started = wall_started = time.perf_counter()
+    if features is not None:
+        for name, encoded in (("train", train_ids), ("validation", val_ids)):
+            features.build(model, name, encoded, pad_id, max(cfg.batch_size, 64), precision)
+    feed_val = (lambda b, w: features.feed("validation", b, w, device)) if features is not None else None
+    attached = features.attached() if features is not None else contextlib.nullcontext()
     try:
-        while batch_no < total_batches:
-            for batch in bucketed_batches(lengths, cfg.batch_size, rng):
-                if batch_no >= total_batches:
+        with attached:
+            while batch_no < total_batches:
+                for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+                    if batch_no >= total_batches:
+                        break
+                    padded = collate([train_ids[i] for i in batch], pad_id, pad_multiple)
+                    inputs = {k: v.to(device) for k, v in padded.items()}
+                    if features is not None:
+                        features.feed("train", batch, padded["input_ids"].shape[1], device)
+                    with autocast(precision, device):
+                        logits = step_model(**inputs).logits
+                    loss = loss_fn(logits.float(), labels_all[batch].to(device))
+                    (loss / cfg.grad_accum).backward()
+                    batch_no += 1
+                    seen += len(batch)
+                    tokens += sum(lengths[i] for i in batch)
+                    positions += padded["input_ids"].numel()
+                    window_loss += loss.item()
+                    window_n += 1
+                    if batch_no % cfg.grad_accum == 0 or batch_no == total_batches:
+                        if cfg.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                        factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
+                        for group in optimizer.param_groups:
+                            group["lr"] = cfg.resolved_lr() * factor
+                        optimizer.step()
+                        if rank_allocator is not None:  # AdaLoRA prunes ranks from the gradients' sensitivity
+                            rank_allocator(step)
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        elapsed = time.perf_counter() - started
+                        if step % cfg.log_every == 0:
+                            _write(log, {
+                                "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
+                                "loss": round(window_loss / window_n, 5), "lr": cfg.resolved_lr() * factor,
+                                "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
+                            })  # fmt: skip
+                        bar.set_postfix(loss=f"{window_loss / window_n:.4f}", sps=f"{seen / elapsed:.1f}")
+                        if step % cfg.log_every == 0:
+                            window_loss, window_n = 0.0, 0
+                    bar.update(1)
+                    if batch_no in eval_points:
+                        eval_started = time.perf_counter()
+                        val_logits = predict_logits(
+                            model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, feed_val
+                        )
+                        metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
+                        record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
+                        result.history.append(record)
+                        _write(log, {"eval": record})
+                        _print(
+                            bar,
+                            f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  "
+                            f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
+                        )
+                        started += time.perf_counter() - eval_started  # throughput counts training only
+                        if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
+                            result.best = record
+                            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                            bad_evals = 0
+                        else:
+                            bad_evals += 1
+                            if cfg.early_stopping and bad_evals >= cfg.early_stopping:
+                                result.stopped_early = True
+                                break
+                if result.stopped_early:
                     break
-                inputs = {k: v.to(device) for k, v in collate([train_ids[i] for i in batch], pad_id).items()}
-                with autocast(precision, device):
-                    logits = model(**inputs).logits
-                loss = loss_fn(logits.float(), labels_all[batch].to(device))
-                (loss / cfg.grad_accum).backward()
-                batch_no += 1
-                seen += len(batch)
-                tokens += sum(lengths[i] for i in batch)
-                window_loss += loss.item()
-                window_n += 1
-                if batch_no % cfg.grad_accum == 0 or batch_no == total_batches:
-                    if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
-                    for group in optimizer.param_groups:
-                        group["lr"] = cfg.resolved_lr() * factor
-                    optimizer.step()
-                    if rank_allocator is not None:  # AdaLoRA prunes ranks from the gradients' sensitivity
-                        rank_allocator(step)
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    elapsed = time.perf_counter() - started
-                    if step % cfg.log_every == 0:
-                        _write(log, {
-                            "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
-                            "loss": round(window_loss / window_n, 5), "lr": cfg.resolved_lr() * factor,
-                            "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-                        })  # fmt: skip
-                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}", sps=f"{seen / elapsed:.1f}")
-                    if step % cfg.log_every == 0:
-                        window_loss, window_n = 0.0, 0
-                bar.update(1)
-                if batch_no in eval_points:
-                    eval_started = time.perf_counter()
-                    val_logits = predict_logits(model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device)
-                    metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
-                    record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
-                    result.history.append(record)
-                    _write(log, {"eval": record})
-                    _print(
-                        bar,
-                        f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  "
-                        f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
-                    )
-                    started += time.perf_counter() - eval_started  # throughput counts training only
-                    if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
-                        result.best = record
-                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                        bad_evals = 0
-                    else:
-                        bad_evals += 1
-                        if cfg.early_stopping and bad_evals >= cfg.early_stopping:
-                            result.stopped_early = True
-                            break
-            if result.stopped_early:
-                break
     finally:
         bar.close()
         if log:
             log.close()
+        if features is not None:
+            features.close()
     result.train_seconds = time.perf_counter() - started
     result.wall_seconds = time.perf_counter() - wall_started
     result.samples_per_second = seen / result.train_seconds if seen else 0.0
     result.tokens_per_second = tokens / result.train_seconds if seen else 0.0
+    result.padding_fraction = 1 - tokens / positions if positions else 0.0
     result.steps = step
     if best_state is not None:
         params = dict(model.named_parameters())

@@ -1,0 +1,100 @@
+"""FLOP counting and a measured matmul peak, for the MFU every benchmark prints.
+
+Formula (per sequence of S real tokens, per transformer layer with hidden size d and FFN size f):
+
+    forward = 2 * (4*d*d + 2*d*f) * S      # the Q, K, V, O and two FFN matmuls: 2 FLOPs per weight per token
+            + 4 * d * S * S                # attention scores (Q K^T) and the weighted sum (A V)
+
+Training multiplies a layer's forward by 3 when its weights are trained (forward, input gradients,
+weight gradients) and by 2 when they are frozen but something below them trains (LoRA on every
+layer: the frozen weights still pass gradients down). Layers below the lowest trained one cost one
+forward (or nothing on epochs that read them from adaptext's feature cache). Embedding lookups,
+LayerNorms, the head and the tiny LoRA matrices are left out (< 1% for these models). Only real
+(non-padding) tokens count, so padding shows up as lost utilisation: MFU = counted FLOPs / seconds /
+peak, where the peak is a large matmul timed on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        """Read the sizes from a transformers config (BERT-style, DistilBERT and GPT-2 names)."""
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or config.n_embd
+        ffn = (
+            getattr(config, "intermediate_size", None)
+            or getattr(config, "hidden_dim", None)
+            or getattr(config, "n_inner", None)
+            or 4 * hidden
+        )
+        return cls(int(layers), int(hidden), int(ffn))
+
+    def layer_forward(self, seq_lens: list[int] | Any) -> float:
+        """Forward FLOPs of one layer summed over sequences of the given real lengths."""
+        total = 0.0
+        weights = 4 * self.hidden * self.hidden + 2 * self.hidden * self.ffn
+        for s in seq_lens:
+            total += 2.0 * weights * s + 4.0 * self.hidden * s * s
+        return total
+
+
+def train_flops(shape: Shape, seq_lens: list[int], trained_from: int = 0, weights_trained: bool = False) -> float:
+    """FLOPs of one training pass over sequences: layers < trained_from run forward only."""
+    per_layer = shape.layer_forward(seq_lens)
+    below = min(trained_from, shape.layers)
+    above = shape.layers - below
+    return per_layer * (below + above * (3 if weights_trained else 2))
+
+
+def run_flops(
+    shape: Shape, train_lens: list[int], epochs: float, method: str, cached_layers: int = 0, cache_lens: list[int] = ()
+) -> float:
+    """FLOPs a training run performs: LoRA-style 2x, full 3x, head-only forward-only; cached layers once."""
+    layers_above = shape.layers - cached_layers
+    per_layer_epoch = shape.layer_forward(train_lens)
+    factor = {"head": 1, "full": 3}.get(method, 2)
+    if method == "head" and cached_layers:
+        factor = 0  # every layer was cached: steps run only the classifier
+    cached = shape.layer_forward(cache_lens) * cached_layers
+    return cached + per_layer_epoch * layers_above * factor * epochs
+
+
+def forward_flops(shape: Shape, seq_lens: list[int], layers: int | None = None) -> float:
+    return shape.layer_forward(seq_lens) * (shape.layers if layers is None else layers)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of a square matmul (size chosen per device) on this machine right now."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        _sync(device)
+        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - started))
+    return best
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()

