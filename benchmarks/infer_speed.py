@@ -42,8 +42,11 @@ def peft_baseline(model_dir: Path):
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
+    labels = json.loads((model_dir / "labels.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoPeftModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"]
+    ).eval()
 
     def logits(texts: list[str]) -> np.ndarray:
         out = []
