@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="onnx (the only format so far)")
     p.add_argument("--quantize", help="int8: also write model.int8.onnx (dynamic quantisation of the weights)")
     p.add_argument("--output", help="folder for model.onnx, model.int8.onnx and export.json (default MODEL/onnx)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20")
+    p.add_argument("--opset", type=int, help="ONNX opset, 14 to 20 (default 17)")
     p.set_defaults(func=cmd_export)
     return parser
 

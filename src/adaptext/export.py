@@ -154,12 +154,12 @@ def export(
     format: str = "onnx",
     output: str | Path | None = None,
     quantize: str | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
 ) -> ExportResult:
-    """``adaptext export``: ONNX is the one format so far."""
+    """``adaptext export``: ONNX is the one format so far (``opset`` None: ``DEFAULT_OPSET``)."""
     if format not in FORMATS:
         raise AdaptextError(f"--format {format!r} is not supported; use --format {' or '.join(FORMATS)}")
-    return export_onnx(model_dir, output, quantize, opset)
+    return export_onnx(model_dir, output, quantize, DEFAULT_OPSET if opset is None else opset)
 
 
 def export_onnx(
@@ -200,9 +200,10 @@ def export_onnx(
     report: dict[str, Any] = {"format": "onnx", "opset": opset, "quantize": quantize}
     with artifacts.staged_dir(target) as staging:
         started = time.perf_counter()
-        # Trace a padded batch of two lengths: the branches transformers takes for a mask with padding
-        # are the ones recorded (it can skip an all-ones mask).
-        _trace_to_onnx(loaded.model, collate(probes[2:4], pad_id), staging / FP32_FILE, opset)
+        # Trace the shortest and longest probes as one padded batch: the branches transformers takes for
+        # a mask with padding are the ones recorded (it can skip an all-ones mask).
+        example = collate([min(probes, key=len), max(probes, key=len)], pad_id)
+        _trace_to_onnx(loaded.model, example, staging / FP32_FILE, opset)
         seconds = {"export": round(time.perf_counter() - started, 2)}
         report["parity"] = {"fp32": parity(staging / FP32_FILE)}
         gap = report["parity"]["fp32"]["max_abs_logit_diff"]
