@@ -172,7 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from adaptext.export import export
 
     result = export(args.model, args.format, args.output, args.quantize, args.opset)
-    for name, size in result.report["files"].items():
+    for name, size in sorted(result.report["files"].items(), key=lambda item: ".int8." in item[0]):  # fp32 first
         parity = result.report["parity"]["int8" if ".int8." in name else "fp32"]
         print(
             f"wrote {result.folder / name} ({size / 2**20:.1f} MiB; max |logit difference| from torch "
