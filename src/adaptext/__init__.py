@@ -20,6 +20,7 @@ _EXPORTS = {
     "TrainConfig": "adaptext.config",
     "TrainOutcome": "adaptext.api",
     "evaluate": "adaptext.api",
+    "export_onnx": "adaptext.export",
     "load": "adaptext.predict",
     "train": "adaptext.api",
 }

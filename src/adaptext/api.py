@@ -240,10 +240,14 @@ def evaluate(
     encoding: str = "utf-8",
     limit: int | None = None,
     base: str | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
-    """Metrics of a trained model on a split or file (default: the data it was trained on, test split)."""
-    classifier = load(model_dir, batch_size=batch_size, base=base)
-    cfg = classifier.loaded.meta["config"]
+    """Metrics of a trained model on a split or file (default: the data it was trained on, test split).
+
+    ``backend="onnx"``/``"onnx-int8"`` scores the ONNX export instead (see ``adaptext.export``).
+    """
+    classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend)
+    cfg = classifier.meta["config"]
     spec = data_spec or cfg.get("data") or str(data.demo_data_dir())
     split_data = data.load_eval_split(
         spec,

@@ -150,6 +150,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def read_labels(folder: Path) -> dict[str, Any]:
+    """labels.json: id2label, label2id, num_labels, pad_token_id."""
+    return json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+
+
 def _base_source(meta: dict[str, Any]) -> ModelSource:
     """The base model on this machine: alias first, then the recorded path, then the Hub id."""
     base = meta["base_model"]
@@ -169,7 +174,7 @@ def load_model(
     """Reload a trained classifier. ``merge`` folds LoRA into the weights for faster inference."""
     folder = Path(folder).expanduser()
     meta = read_meta(folder)
-    labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+    labels = read_labels(folder)
     class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
     method = meta["method"]
     source = resolve_model(base) if base else _base_source(meta)

@@ -125,6 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.encoding,
         args.limit,
         args.base,
+        backend=args.backend,
     )
     if args.json:
         print(json.dumps(metrics))
@@ -150,7 +151,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as exc:
             raise AdaptextError(f"stdin is not valid UTF-8 (bad byte at position {exc.start}); re-encode it") from None
-    classifier = load(args.model, batch_size=args.batch_size, precision=args.precision, base=args.base)
+    classifier = load(
+        args.model, batch_size=args.batch_size, precision=args.precision, base=args.base, backend=args.backend
+    )
     results = classifier.predict(texts, top_k=args.top_k)
     if args.output:
         write_predictions(Path(args.output), texts, results, classifier.class_names)
@@ -162,6 +165,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for text, row in zip(texts, results):
             extra = "  ".join(f"{t['label']}={t['score']:.3f}" for t in row["top_k"][1:])
             print(f"{row['label']}\t{row['score']:.4f}\t{text[:100]}" + (f"\t{extra}" if extra else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adaptext.export import export
+
+    result = export(args.model, args.format, args.output, args.quantize, args.opset)
+    for name, size in sorted(result.report["files"].items(), key=lambda item: ".int8." in item[0]):  # fp32 first
+        parity = result.report["parity"]["int8" if ".int8." in name else "fp32"]
+        print(
+            f"wrote {result.folder / name} ({size / 2**20:.1f} MiB; max |logit difference| from torch "
+            f"{parity['max_abs_logit_diff']:.2g}, same label on {parity['same_label']:.0%} of probe texts)"
+        )
+    print(f"wrote {result.folder / 'export.json'}")
     return 0
 
 
@@ -200,6 +217,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(p)
+
+
+BACKEND_HELP = "torch (default), onnx or onnx-int8: ONNX Runtime on the CPU, after adaptext export"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--save", help="also write eval_metrics.json and confusion_matrix.png into this folder")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify texts (arguments, stdin lines, or --input FILE)")
@@ -269,7 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
     p.add_argument("--json", action="store_true", help="one JSON object per text on stdout")
+    p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.set_defaults(func=cmd_predict)
+
+    help_text = "export a trained model to ONNX (LoRA merged, optional int8), checked against torch"
+    p = sub.add_parser("export", help=help_text, description=help_text)
+    p.add_argument("--model", required=True, help="output directory of adaptext train")
+    p.add_argument("--format", default="onnx", help="onnx (the only format so far)")
+    p.add_argument("--quantize", help="int8: also write model.int8.onnx (dynamic quantisation of the weights)")
+    p.add_argument("--output", help="folder for model.onnx, model.int8.onnx and export.json (default MODEL/onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 14 to 20 (default 17)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

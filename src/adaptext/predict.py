@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from adaptext.artifacts import LoadedModel, load_model
 from adaptext.errors import AdaptextError
 from adaptext.metrics import softmax
 from adaptext.train import pick_device, predict_logits, resolve_precision, tokenize
+
+if TYPE_CHECKING:
+    from adaptext.export import OnnxClassifier
 
 
 class Classifier:
@@ -27,6 +30,11 @@ class Classifier:
     def class_names(self) -> list[str]:
         return self.loaded.class_names
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The model directory's adaptext.json (base model, resolved training config, versions)."""
+        return self.loaded.meta
+
     def logits(self, texts: list[str]) -> np.ndarray:
         texts = check_texts(texts)
         if not texts:
@@ -40,22 +48,24 @@ class Classifier:
 
     def predict(self, texts: list[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
         """One dict per text: ``label``, ``score``, ``probabilities`` per class and ``top_k``."""
-        if isinstance(texts, str):
-            texts = [texts]
-        probs = self.predict_proba(texts)
-        k = max(1, min(top_k, len(self.class_names)))
-        results = []
-        for row in probs:
-            order = np.argsort(-row)[:k]
-            results.append(
-                {
-                    "label": self.class_names[order[0]],
-                    "score": float(row[order[0]]),
-                    "top_k": [{"label": self.class_names[i], "score": float(row[i])} for i in order],
-                    "probabilities": {name: float(p) for name, p in zip(self.class_names, row)},
-                }
-            )
-        return results
+        return rank(self.predict_proba([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
+
+
+def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict[str, Any]]:
+    """Per row of probabilities: the best label and score, the top k, and every class's probability."""
+    k = max(1, min(top_k, len(class_names)))
+    results = []
+    for row in probs:
+        order = np.argsort(-row)[:k]
+        results.append(
+            {
+                "label": class_names[order[0]],
+                "score": float(row[order[0]]),
+                "top_k": [{"label": class_names[i], "score": float(row[i])} for i in order],
+                "probabilities": {name: float(p) for name, p in zip(class_names, row)},
+            }
+        )
+    return results
 
 
 def check_texts(texts: list[Any]) -> list[str]:
@@ -71,6 +81,9 @@ def check_texts(texts: list[Any]) -> list[str]:
     return out
 
 
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
 def load(
     folder: str | Path,
     device: str | torch.device | None = None,
@@ -78,7 +91,24 @@ def load(
     batch_size: int = 64,
     precision: str = "auto",
     base: str | None = None,
-) -> Classifier:
-    """Load a trained adaptext model directory for inference (LoRA merged into the weights)."""
+    backend: str = "torch",
+) -> Classifier | OnnxClassifier:
+    """Load a trained adaptext model directory for inference (LoRA merged into the weights).
+
+    ``backend="onnx"`` (or ``"onnx-int8"``) runs the file written by ``adaptext export`` with ONNX
+    Runtime on the CPU instead; the result has the same ``logits``/``predict_proba``/``predict``.
+    """
+    if backend not in BACKENDS:
+        raise AdaptextError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend != "torch":
+        from adaptext.export import load_onnx
+
+        if base is not None:
+            raise AdaptextError("--base applies to --backend torch only; the ONNX export has its base model built in")
+        if precision not in ("auto", "fp32"):
+            raise AdaptextError(f"--precision {precision} applies to --backend torch only; ONNX runs fp32 or int8")
+        if device is not None and torch.device(device).type != "cpu":
+            raise AdaptextError(f"--backend {backend} runs on the CPU (ONNX Runtime); use --backend torch for {device}")
+        return load_onnx(folder, quantized=backend == "onnx-int8", batch_size=batch_size)
     target = torch.device(device) if device is not None else pick_device()
     return Classifier(load_model(folder, target, merge=merge, base=base), batch_size, precision)
