@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from adaptext.cli import build_parser
@@ -34,5 +36,9 @@ def test_every_flag_in_readme_exists():
     for action in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001
         for option in action._actions:  # noqa: SLF001
             known.update(option.option_strings)
+    bench = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True
+    )
+    known.update(re.findall(r"(--[a-z][a-z0-9-]+)", bench.stdout))  # the benchmark commands' flags
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
     assert used - known - {"--no-deps", "--quiet", "--upgrade", "--index-url"} == set()
