@@ -75,17 +75,10 @@ class CountingCollator:
         return sum(b * w for b, w in self.shapes[phase])
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: the CPUs where bf16 autocast is faster than fp32 (elsewhere it crawls)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def pick_precision(style: str) -> str:
     import torch
+
+    from adaptext.train import cpu_has_fast_bf16  # the same hardware test adaptext uses
 
     if style == "notebook":
         return "fp32"
