@@ -182,6 +182,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adaptext.serve.app import Limits, ServeOptions
+
+    for flag in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_texts", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise AdaptextError(f"{_flag(flag)} {getattr(args, flag)}: must be at least 1")
+    if args.max_wait_ms < 0:
+        raise AdaptextError(f"--max-wait-ms {args.max_wait_ms}: must be 0 or more")
+    if not 0 <= args.port <= 65535:
+        raise AdaptextError(f"--port {args.port}: use 0 to 65535 (0 picks a free port)")
+    token = args.token or os.environ.get("ADAPTEXT_SERVE_TOKEN") or None
+    limits = Limits(args.max_body_bytes, args.max_texts, args.max_text_chars)
+    options = ServeOptions(token, limits, args.max_batch_texts, args.max_wait_ms, args.batching)
+    try:
+        _serve(args, options)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it shut down on: a normal stop
+        print("stopped", flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace, options: Any) -> None:
+    from adaptext.serve.server import run
+
+    run(
+        args.adapters,
+        args.host,
+        args.port,
+        args.allow_dir or [],
+        options,
+        args.device,
+        args.precision,
+        args.batch_size,
+        args.log_level,
+    )
+
+
 def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> None:
     """CSV (label, score, prob_<class>...) or JSONL by extension, written atomically."""
     suffix = path.suffix.lower()
@@ -301,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for model.onnx, model.int8.onnx and export.json (default MODEL/onnx)")
     p.add_argument("--opset", type=int, help="ONNX opset, 14 to 20 (default 17)")
     p.set_defaults(func=cmd_export)
+
+    help_text = "serve many adapters on one base model over HTTP (JSON API, /metrics, a page to try them)"
+    p = sub.add_parser("serve", help=help_text, description=help_text)
+    p.add_argument(
+        "--adapters",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="adapter directories written by adaptext train, or folders of them; hot-loads may come from these too",
+    )
+    p.add_argument("--allow-dir", action="append", metavar="DIR", help="another folder adapters may be hot-loaded from")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--token",
+        help="bearer token every /v1 request must carry; enables the admin endpoints (or ADAPTEXT_SERVE_TOKEN)",
+    )
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
+    p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (default 10,000)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    p.add_argument("--max-batch-texts", type=int, default=64, help="texts per micro-batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (5)")
+    p.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="micro-batch concurrent requests (--no-batching: one forward per request, the naive baseline)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass inside a batch (default 64)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

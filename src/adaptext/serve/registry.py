@@ -1,0 +1,403 @@
+"""Adapters held for serving: one copy of each base model, many adapters on it.
+
+LoRA (and rsLoRA) adapters of one base live in one peft model: a batch mixing them runs in one
+forward pass, peft adding each row's own low-rank delta (``adapter_names``). Heads differ per
+adapter (their own label sets), so each head layer of the shared base is replaced by a
+:class:`HeadSwitch` that sends every row through its adapter's copy. Head-only adapters share the
+base too (their rows take no LoRA delta). Methods peft cannot mix in one batch (DoRA, IA3, LoHa,
+LoKr, VeRA, AdaLoRA, prompt methods, BitFit, full fine-tuning) are each loaded as their own merged
+model and run in their own batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptext.artifacts import HEAD_FILE, _base_source, _check_same_base, read_labels, read_meta
+from adaptext.errors import AdaptextError
+from adaptext.metrics import softmax
+from adaptext.models import ModelSource, load_classifier, load_tokenizer
+from adaptext.train import autocast, collate, pick_device, predict_logits, resolve_precision, sorted_batches, tokenize
+
+SHAREABLE = ("lora", "rslora", "head")
+ADAPTER_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class AdapterNotFound(AdaptextError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+
+class PathRefused(AdaptextError):
+    """An adapter path outside the directories the server was started with (HTTP 403)."""
+
+
+class AdapterExists(AdaptextError):
+    """An adapter of that name is already loaded (HTTP 409)."""
+
+
+class HeadSwitch(nn.Module):
+    """Stands in for one head layer of a shared base: each row goes through its own adapter's copy.
+
+    The copies sit in a plain dict, outside the module tree, so peft never injects LoRA into them.
+    Outputs of different widths (label counts) are zero-padded to the widest; the caller keeps each
+    row's own columns.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.__dict__["original"] = original  # for rows of adapters that did not train this layer
+        self.copies: dict[str, nn.Module] = {}
+        self.rows: list[str] | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.rows is None or len(self.rows) != x.shape[0]:
+            raise RuntimeError("HeadSwitch needs one adapter name per row (set by SharedBase.logits)")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.rows):
+            groups.setdefault(name, []).append(i)
+        outputs = []
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            module = self.copies.get(name, self.original)
+            outputs.append((index, module(x.index_select(0, index), *args, **kwargs)))
+        if len(outputs) == 1:
+            return outputs[0][1]
+        width = max(out.shape[-1] for _, out in outputs)
+        first = outputs[0][1]
+        result = first.new_zeros((x.shape[0], *first.shape[1:-1], width))
+        for index, out in outputs:
+            result[index, ..., : out.shape[-1]] = out
+        return result
+
+
+@dataclass
+class Adapter:
+    """One served adapter: where it came from, its labels, how to tokenise for it, and what runs it."""
+
+    name: str
+    folder: Path
+    meta: dict[str, Any]
+    class_names: list[str]
+    tokenizer: Any
+    runner: SharedBase | Standalone
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.meta["config"]["max_length"])
+
+    @property
+    def long_text(self) -> str:
+        return str(self.meta["config"].get("long_text", "truncate"))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return tokenize(self.tokenizer, texts, self.max_length, self.long_text)
+
+    def describe(self) -> dict[str, Any]:
+        base = self.meta["base_model"]
+        test = self.metrics.get("test") or self.metrics.get("validation") or {}
+        return {
+            "name": self.name,
+            "base": base.get("hub_id") or base["name"],
+            "method": self.meta["method"],
+            "labels": self.class_names,
+            "max_length": self.max_length,
+            "shared_base": isinstance(self.runner, SharedBase),
+            "metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))},
+        }
+
+
+class SharedBase:
+    """One base model in memory; LoRA deltas and heads picked per row."""
+
+    def __init__(self, source: ModelSource, pad_token_id: int, device: torch.device, precision: str):
+        self.source = source
+        self.device = device
+        self.precision = precision
+        self.pad_token_id = pad_token_id
+        model, _ = load_classifier(source, 2, {0: "0", 1: "1"}, pad_token_id)
+        self.model = model.eval().to(device)
+        self.peft: Any = None  # the peft model around self.model, once a LoRA adapter arrives
+        self.switches: dict[str, HeadSwitch] = {}
+        self.lora: set[str] = set()
+        self.labels: dict[str, int] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.labels)
+
+    def add(self, name: str, folder: Path, meta: dict[str, Any], num_labels: int) -> None:
+        from safetensors.torch import load_file
+
+        _check_same_base(self.model, meta, self.source)
+        if meta["method"] == "head":
+            heads, lora = load_file(str(folder / HEAD_FILE)), {}
+        else:
+            state = load_file(str(folder / ADAPTER_FILE))
+            lora = {k: v for k, v in state.items() if ".lora_" in k}
+            heads = {k.removeprefix("base_model.model."): v for k, v in state.items() if ".lora_" not in k}
+        if not heads:
+            raise AdaptextError(f"{folder} holds no classification head; retrain it with adaptext train")
+        self._add_heads(name, folder, heads)
+        try:
+            if lora:
+                self._add_lora(name, folder, lora)
+        except BaseException:
+            for switch in self.switches.values():
+                switch.copies.pop(name, None)
+            raise
+        self.labels[name] = num_labels
+
+    def _add_heads(self, name: str, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            module, _, param = key.rpartition(".")
+            by_module.setdefault(module, {})[param] = value
+        copies = {}
+        for path, params in by_module.items():
+            original = self.switches[path].original if path in self.switches else self._module(path, folder)
+            head = copy.deepcopy(original)
+            for param, value in params.items():
+                current = getattr(original, param, None)
+                if not isinstance(current, torch.Tensor) or current.shape[1:] != value.shape[1:]:
+                    raise AdaptextError(
+                        f"head weights in {folder} do not fit the base model ({path}.{param}); retrain it"
+                    )
+                setattr(head, param, nn.Parameter(value.to(self.device, current.dtype), requires_grad=False))
+            if isinstance(head, nn.Linear):
+                head.out_features = head.weight.shape[0]
+            copies[path] = head.eval()
+        for path, head in copies.items():
+            if path not in self.switches:
+                parent, _, leaf = path.rpartition(".")
+                switch = HeadSwitch(self._module(path, folder))
+                setattr(self.model.get_submodule(parent) if parent else self.model, leaf, switch)
+                self.switches[path] = switch
+            self.switches[path].copies[name] = head
+
+    def _module(self, path: str, folder: Path) -> nn.Module:
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise AdaptextError(f"head weights in {folder} name a layer the base lacks ({path}); retrain it") from None
+        if isinstance(module, HeadSwitch):
+            return module.original
+        return module
+
+    def _add_lora(self, name: str, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+
+        config = LoraConfig.from_pretrained(str(folder))
+        config.modules_to_save, config.task_type, config.inference_mode = None, None, True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's notes on adapter names and already-wrapped models
+            if self.peft is None:
+                self.peft = PeftModel(self.model, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
+            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and ".lora_" in k]
+        if result.unexpected_keys or missing:
+            self.peft.delete_adapter(name)
+            first = (result.unexpected_keys or missing)[0]
+            raise AdaptextError(f"adapter in {folder} does not fit its base model ({first}); retrain it")
+        self.peft.to(self.device).eval()
+        self.lora.add(name)
+
+    def remove(self, name: str) -> None:
+        for switch in self.switches.values():
+            switch.copies.pop(name, None)
+        if name in self.lora:
+            self.lora.discard(name)
+            if self.lora:
+                self.peft.delete_adapter(name)
+            else:  # the last LoRA adapter: take the LoRA layers out again (peft keeps no adapter-less state)
+                self.model = self.peft.unload()
+                self.peft = None
+        self.labels.pop(name, None)
+
+    @torch.inference_mode()
+    def logits(self, rows: list[tuple[str, list[int]]], batch_size: int) -> list[np.ndarray]:
+        """Each row (adapter name, token ids) through its own adapter; rows of many adapters share batches."""
+        out: list[np.ndarray] = [np.zeros(0)] * len(rows)
+        for batch in sorted_batches([len(ids) for _, ids in rows], batch_size):
+            names = [rows[i][0] for i in batch]
+            inputs = {k: v.to(self.device) for k, v in collate([rows[i][1] for i in batch], self.pad_token_id).items()}
+            for switch in self.switches.values():
+                switch.rows = names
+            try:
+                with autocast(self.precision, self.device):
+                    if self.peft is not None:
+                        peft_names = [n if n in self.lora else "__base__" for n in names]
+                        logits = self.peft(**inputs, adapter_names=peft_names).logits
+                    else:
+                        logits = self.model(**inputs).logits
+            finally:
+                for switch in self.switches.values():
+                    switch.rows = None
+            logits = logits.float().cpu().numpy()
+            for row, i in enumerate(batch):
+                out[i] = logits[row, : self.labels[names[row]]]
+        return out
+
+
+class Standalone:
+    """An adapter whose method peft cannot mix in a batch: its own merged model."""
+
+    def __init__(self, folder: Path, device: torch.device, precision: str):
+        from adaptext.artifacts import load_model
+
+        self.loaded = load_model(folder, device, merge=True)
+        self.device = device
+        self.precision = precision
+
+    def logits(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
+        pad = self.loaded.tokenizer.pad_token_id
+        return predict_logits(self.loaded.model, ids, pad, batch_size, self.precision, self.device)
+
+
+def check_weights_files(folder: Path) -> None:
+    """Only safetensors are ever loaded: a directory carrying pickled weights is refused outright."""
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise AdaptextError(
+            f"{folder} holds pickled weights ({pickled[0]}); adaptext serve loads safetensors only — remove them"
+        )
+
+
+class Registry:
+    """The adapters a server holds, by name, on as few base models as their methods allow.
+
+    Not thread-safe: the server calls it from one worker thread only.
+    """
+
+    def __init__(
+        self,
+        roots: list[Path],
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        batch_size: int = 64,
+    ):
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.device = torch.device(device) if device is not None else pick_device()
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+        self.adapters: dict[str, Adapter] = {}
+        self.bases: dict[str, SharedBase] = {}
+
+    def resolve(self, path: str | Path) -> Path:
+        """An adapter directory inside one of the roots (absolute, or relative to a root)."""
+        raw = Path(path).expanduser()
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots] + [Path.cwd() / raw]
+        for candidate in candidates:
+            real = candidate.resolve()
+            if not any(real == root or root in real.parents for root in self.roots):
+                continue
+            if real.is_dir():
+                return real
+        if any(c.resolve().is_dir() for c in candidates):
+            raise PathRefused(
+                f"adapter path {str(path)!r} is outside the directories this server may load from "
+                f"({', '.join(map(str, self.roots))}); start adaptext serve with --allow-dir for it"
+            )
+        raise AdaptextError(f"adapter path {str(path)!r} not found in {', '.join(map(str, self.roots))}")
+
+    def load(self, path: str | Path, name: str | None = None) -> Adapter:
+        folder = self.resolve(path)
+        name = name or folder.name
+        if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
+            raise AdaptextError(f"adapter name {name!r}: use 1-100 letters, digits, '-', '_' or '.'")
+        if name in self.adapters:
+            raise AdapterExists(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        meta = read_meta(folder)
+        check_weights_files(folder)
+        labels = read_labels(folder)
+        class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+        method = meta["method"]
+        runner: SharedBase | Standalone
+        if method in SHAREABLE:
+            weights = folder / (HEAD_FILE if method == "head" else ADAPTER_FILE)
+            if not weights.is_file():
+                raise AdaptextError(f"{folder} has no {weights.name}; only safetensors weights are loaded")
+            source = _base_source(meta)
+            key = f"{os.path.realpath(source.path)}|pad={labels['pad_token_id']}"
+            runner = self.bases.get(key) or SharedBase(source, labels["pad_token_id"], self.device, self.precision)
+            runner.add(name, folder, meta, len(class_names))
+            self.bases[key] = runner
+        else:
+            runner = Standalone(folder, self.device, self.precision)
+        tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
+        metrics = {}
+        if (folder / "metrics.json").is_file():
+            import json
+
+            metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        adapter = Adapter(name, folder, meta, class_names, tokenizer, runner, metrics)
+        self.adapters[name] = adapter
+        return adapter
+
+    def unload(self, name: str) -> None:
+        adapter = self.get(name)
+        del self.adapters[name]
+        if isinstance(adapter.runner, SharedBase):
+            adapter.runner.remove(name)
+            if not adapter.runner.names:  # the last adapter on that base: free the base too
+                self.bases = {k: b for k, b in self.bases.items() if b is not adapter.runner}
+
+    def get(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {known})")
+        return self.adapters[name]
+
+    def probabilities(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray | AdaptextError]:
+        """Class probabilities for each (adapter, texts) request; rows of one base run in shared batches.
+
+        A request naming an adapter unloaded meanwhile gets its error in place of a result.
+        """
+        results: list[np.ndarray | AdaptextError] = [np.zeros(0)] * len(requests)
+        shared: dict[int, list[tuple[int, int, str, list[int]]]] = {}
+        for r, (name, texts) in enumerate(requests):
+            try:
+                adapter = self.get(name)
+            except AdaptextError as exc:
+                results[r] = exc
+                continue
+            ids = adapter.encode(texts)
+            results[r] = np.zeros((0, len(adapter.class_names)), dtype=np.float32)
+            if not ids:
+                continue
+            if isinstance(adapter.runner, SharedBase):
+                shared.setdefault(id(adapter.runner), []).extend((r, j, name, x) for j, x in enumerate(ids))
+            else:
+                results[r] = softmax(adapter.runner.logits(ids, self.batch_size))
+        runners = {id(a.runner): a.runner for a in self.adapters.values()}
+        for key, rows in shared.items():
+            logits = runners[key].logits([(name, ids) for _, _, name, ids in rows], self.batch_size)
+            per_request: dict[int, list[np.ndarray]] = {}
+            for (r, _, _, _), row in zip(rows, logits):
+                per_request.setdefault(r, []).append(row)
+            for r, row_list in per_request.items():
+                results[r] = softmax(np.stack(row_list))
+        return results
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [self.adapters[n].describe() for n in sorted(self.adapters)]
+
+    def describe_bases(self) -> list[dict[str, Any]]:
+        """The base models in memory, once each, and the adapters sharing each one."""
+        out = []
+        for base in self.bases.values():
+            params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
+            out.append({"model": base.source.name, "adapters": base.names, "parameters": params})
+        return out
