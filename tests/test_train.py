@@ -27,6 +27,19 @@ def test_bucketed_batches_cover_everything_once_and_pad_little():
     assert sorted(i for b in sorted_batches(lengths, 64) for i in b) == list(range(1000))
 
 
+def test_snug_inference_batches_bound_padding_and_keep_every_row():
+    rng = random.Random(3)
+    lengths = [rng.choice([8, 12, 25, 30, 60, 190]) + rng.randint(0, 5) for _ in range(300)]
+    batches = sorted_batches(lengths, 64, slack=1.25, max_tokens=2048)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for b in batches:
+        width, real = max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        assert len(b) <= 64 and (len(b) == 1 or (len(b) * width <= 1.25 * real and len(b) * width <= 2048))
+        assert lengths[b[0]] == width  # longest first
+    assert len(batches) > len(sorted_batches(lengths, 64))  # it did cut
+    assert sorted_batches([5, 5, 5], 2, slack=2.0) == [[0, 1], [2]]
+
+
 def test_collate_pads_dynamically_to_a_multiple_of_8():
     batch = collate([[1, 2, 3], [4]], pad_id=0)
     assert batch["input_ids"].shape == (2, 8)

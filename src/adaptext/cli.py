@@ -185,8 +185,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adaptext.serve.app import Limits, ServeOptions
 
-    for flag in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_texts", "batch_size"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_texts", "batch_size", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise AdaptextError(f"{_flag(flag)} {getattr(args, flag)}: must be at least 1")
     if args.max_wait_ms < 0:
         raise AdaptextError(f"--max-wait-ms {args.max_wait_ms}: must be 0 or more")
@@ -204,6 +204,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, options: Any) -> None:
     from adaptext.serve.server import run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     run(
         args.adapters,
@@ -368,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass inside a batch (default 64)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     return parser

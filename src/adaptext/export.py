@@ -92,7 +92,7 @@ def ort_session(path: Path) -> Any:
 def ort_logits(session: Any, encoded: list[list[int]], pad_id: int, batch_size: int, num_labels: int) -> np.ndarray:
     """Logits in input order over length-sorted batches: train.predict_logits, run by ONNX Runtime."""
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
-    for batch in sorted_batches([len(x) for x in encoded], batch_size):
+    for batch in sorted_batches([len(x) for x in encoded], batch_size, slack=1.25, max_tokens=2048):
         inputs = {name: tensor.numpy() for name, tensor in collate([encoded[i] for i in batch], pad_id).items()}
         logits[batch] = session.run(["logits"], inputs)[0]
     return logits

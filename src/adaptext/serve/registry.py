@@ -26,7 +26,15 @@ from adaptext.artifacts import HEAD_FILE, _base_source, _check_same_base, read_l
 from adaptext.errors import AdaptextError
 from adaptext.metrics import softmax
 from adaptext.models import ModelSource, load_classifier, load_tokenizer
-from adaptext.train import autocast, collate, pick_device, predict_logits, resolve_precision, sorted_batches, tokenize
+from adaptext.train import (
+    autocast,
+    collate,
+    inference_batches,
+    pick_device,
+    predict_logits,
+    resolve_precision,
+    tokenize,
+)
 
 SHAREABLE = ("lora", "rslora", "head")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -230,7 +238,7 @@ class SharedBase:
     def logits(self, rows: list[tuple[str, list[int]]], batch_size: int) -> list[np.ndarray]:
         """Each row (adapter name, token ids) through its own adapter; rows of many adapters share batches."""
         out: list[np.ndarray] = [np.zeros(0)] * len(rows)
-        for batch in sorted_batches([len(ids) for _, ids in rows], batch_size):
+        for batch in inference_batches([len(ids) for _, ids in rows], batch_size, self.device):
             names = [rows[i][0] for i in batch]
             inputs = {k: v.to(self.device) for k, v in collate([rows[i][1] for i in batch], self.pad_token_id).items()}
             for switch in self.switches.values():
