@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,66 @@ def test_acceptance_defaults_on_full_test_sets(tmp_path, dataset, train_size, te
     result = run_cli("evaluate", "--model", str(output), "--split", "test", "--json")
     metrics = json.loads(result.stdout)
     assert metrics["n"] == test_n and metrics["accuracy"] >= floor
+
+
+@pytest.fixture(scope="module")
+def sst2_model(tmp_path_factory):
+    output = tmp_path_factory.mktemp("e2e") / "sst2"
+    # fmt: off
+    result = run_cli("train", "--data", str(SHARED_DATA / "sst2"), "--train-size", "300", "--eval-size", "80",
+                     "--test-size", "80", "--epochs", "1", "--max-length", "64", "--seed", "1", "--output", str(output),
+                     "--quiet")
+    # fmt: on
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_serve_two_datasets_on_one_minilm_answers_like_predict(agnews_model, sst2_model, tmp_path):
+    """AG News (4 labels) and SST-2 (2 labels) adapters in one server, one copy of MiniLM, same answers as predict."""
+    import pandas as pd
+
+    from test_serve import Server
+
+    texts = {
+        "agnews": pd.read_parquet(SHARED_DATA / "ag_news" / "test.parquet")["text"].tolist()[:6],
+        "sst2": pd.read_parquet(SHARED_DATA / "sst2" / "validation.parquet")["text"].tolist()[:6],
+    }
+    server = Server(["--adapters", f"agnews={agnews_model}", f"sst2={sst2_model}"], env={"ADAPTEXT_SERVE_TOKEN": ""})
+    try:
+        status, listing = server.get("/v1/adapters", token=None)
+        assert status == 200
+        assert len(listing["bases"]) == 1 and sorted(listing["bases"][0]["adapters"]) == ["agnews", "sst2"]
+        assert 22_000_000 < listing["bases"][0]["parameters"] < 23_500_000  # MiniLM's weights, held once
+        labels = {a["name"]: a["labels"] for a in listing["adapters"]}
+        assert len(labels["agnews"]) == 4 and len(labels["sst2"]) == 2
+        for name, folder in (("agnews", agnews_model), ("sst2", sst2_model)):
+            status, body = server.post("/v1/classify", {"adapter": name, "texts": texts[name]}, token=None)
+            assert status == 200, body
+            cli = run_cli("predict", "--model", str(folder), "--json", *texts[name])
+            assert cli.returncode == 0, cli.stderr
+            expected = [json.loads(line) for line in cli.stdout.splitlines()]
+            assert body["labels"] == labels[name]
+            for got, want in zip(body["results"], expected):
+                assert got["label"] == want["label"]
+                for label, p in want["probabilities"].items():
+                    assert got["probabilities"][label] == pytest.approx(p, abs=1e-4)
+    finally:
+        server.stop()
+
+
+def test_serve_load_benchmark_writes_its_figures(agnews_model, sst2_model, tmp_path):
+    out = tmp_path / "load.json"
+    # fmt: off
+    result = subprocess.run(
+        [sys.executable, "benchmarks/serve_load.py", "--adapters", str(agnews_model), str(sst2_model),
+         "--duration", "4", "--clients", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )
+    # fmt: on
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in ("requests_per_s", "p99_ms", "errors", "baseline_requests_per_s"):
+        assert key in figures, key
+    assert figures["errors"] == 0 and figures["requests_per_s"] > 0 and figures["baseline_requests_per_s"] > 0
+    assert figures["batched"]["requests_per_batch"] > 1 and figures["naive"]["requests_per_batch"] == pytest.approx(1)
+    assert "micro-batched / naive throughput" in result.stdout
