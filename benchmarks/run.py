@@ -113,6 +113,9 @@ def document(train: dict, infer: dict, summary: dict, command: str, seconds: flo
         "```",
         "",
     ]
+    for load in sorted((HERE / "results").glob("serve-load*.md")):
+        where = load.stem.removeprefix("serve-load").strip("-").upper() or "this CPU"
+        lines += [f"## Serving ({where}): `python benchmarks/serve_load.py`", "", load.read_text(), ""]
     for gpu in sorted((HERE / "results").glob("gpu-*.md")):
         lines += [f"## GPU ({gpu.stem.removeprefix('gpu-').upper()}): `bash benchmarks/gpu.sh`", ""]
         lines += [gpu.read_text(), ""]

@@ -35,7 +35,7 @@ def default_data_dir() -> Path:
     return HERE.parent.parent / "shared" / "data"
 
 
-def train_adapters(work: Path, data_dir: Path, train_size: int) -> list[Path]:
+def train_adapters(work: Path, data_dir: Path, train_size: int, model: str = "minilm") -> list[Path]:
     """Two small MiniLM LoRA adapters on different label sets (reused if ``work`` already has them)."""
     from adaptext import api
 
@@ -47,7 +47,7 @@ def train_adapters(work: Path, data_dir: Path, train_size: int) -> list[Path]:
         if not (out / "adaptext.json").is_file():
             print(f"training the {name} adapter ({train_size} examples, 1 epoch) ...", flush=True)
             api.train(
-                data=str(data_dir / name), train_size=train_size, test_size=200, epochs=1, output=str(out),
+                data=str(data_dir / name), model=model, train_size=train_size, test_size=200, epochs=1, output=str(out),
                 progress=False, echo=lambda line: None,
             )  # fmt: skip
         folders.append(out)
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
     parser.add_argument("--work", type=Path, help="where the default adapters are trained/reused (default: temp)")
     parser.add_argument("--train-size", type=int, default=500, help="examples per default adapter (500)")
+    parser.add_argument("--model", default="minilm", help="base model of the default adapters (minilm)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per server (60)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (32)")
     parser.add_argument("--texts-per-request", type=int, default=1)
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--duration, --clients and --texts-per-request must be positive")
     data_dir = args.data_dir or default_data_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = args.adapters or train_adapters(args.work or Path(tmp), data_dir, args.train_size)
+        adapters = args.adapters or train_adapters(args.work or Path(tmp), data_dir, args.train_size, args.model)
         names = [a.resolve().name for a in adapters]
         texts = load_texts(data_dir)
         result: dict = {

@@ -36,9 +36,11 @@ def test_every_flag_in_readme_exists():
     for action in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001
         for option in action._actions:  # noqa: SLF001
             known.update(option.option_strings)
-    bench = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True
-    )
-    known.update(re.findall(r"(--[a-z][a-z0-9-]+)", bench.stdout))  # the benchmark commands' flags
+    for script in ("run.py", "serve_load.py"):  # the benchmark commands' flags
+        bench = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True
+        )
+        assert bench.returncode == 0, bench.stderr
+        known.update(re.findall(r"(--[a-z][a-z0-9-]+)", bench.stdout))
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
     assert used - known - {"--no-deps", "--quiet", "--upgrade", "--index-url"} == set()
