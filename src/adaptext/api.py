@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from adaptext import artifacts, config, data, models
+from adaptext import artifacts, checkpoint, config, data, models
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError
@@ -79,7 +80,7 @@ def train(
     if cfg.output is None:
         cfg.output = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         Path("runs").mkdir(exist_ok=True)
-    output = artifacts.check_output(cfg.output, cfg.overwrite)
+    output, resume_state = _prepare_output(cfg, echo)
     seed_everything(cfg.seed)
     models.quiet_transformers()
 
@@ -141,6 +142,8 @@ def train(
             staging / "train_log.jsonl",
             progress,
             features,
+            None if cfg.method == "adalora" else checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps),
+            resume_state,
         )
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
@@ -158,6 +161,7 @@ def train(
             "padding_fraction": round(result.padding_fraction, 4),
             "steps": result.steps,
             "stopped_early": result.stopped_early,
+            "resumed_from_step": result.resumed_from_step,
             "precision": precision,
             "device": device.type,
             "feature_cache": cache_note,
@@ -203,6 +207,27 @@ def train(
         _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+def _prepare_output(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
+    """The output directory, checked; with --resume, the checkpoint found in it (options compared)."""
+    if cfg.resume:
+        output = Path(cfg.output).expanduser()
+        if (output / artifacts.META_FILE).is_file() and checkpoint.describe(output) is None:
+            raise AdaptextError(f"{output} holds a finished model: nothing to resume (--overwrite trains it again)")
+        state = checkpoint.load(output, cfg.to_dict())
+        echo(f"resume: continuing from the checkpoint at step {state['step']} in {output}")
+        return output, state
+    path = Path(cfg.output).expanduser()
+    found = checkpoint.describe(path) if path.is_dir() else None
+    if found and not cfg.overwrite:
+        raise AdaptextError(
+            f"{path} holds {found} of an unfinished run; pass --resume to continue it or --overwrite to start over"
+        )
+    output = artifacts.check_output(cfg.output, cfg.overwrite)
+    if found:  # --overwrite: the old run's checkpoint must not be resumed into this one
+        shutil.rmtree(output / checkpoint.FOLDER, ignore_errors=True)
+    return output, None
 
 
 def _warn_if_nothing_learned(val: dict[str, Any], labels: list[int], cfg: config.TrainConfig, echo: Callable) -> None:

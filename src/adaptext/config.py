@@ -138,6 +138,14 @@ class TrainConfig:
     # --- output
     output: str | None = _f(None, "Output directory (a standard PEFT adapter directory).")
     overwrite: bool = _f(False, "Replace an existing output directory.")
+    resume: bool = _f(
+        False, "Continue the interrupted run in --output from its last checkpoint (give the same options)."
+    )
+    checkpoint_steps: int | None = _f(
+        None,
+        "Checkpoint into OUTPUT/checkpoint every N optimiser steps and at every epoch end "
+        "(default: about once a minute of training; 0: epoch ends only).",
+    )
     log_every: int = _f(10, "Write a JSONL log line every N optimiser steps.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (if installed) under OUTPUT/runs.")
 
@@ -204,6 +212,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise AdaptextError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
     if not 0 <= cfg.lora_dropout < 1:
         raise AdaptextError("--lora-dropout must be in [0, 1)")
+    if cfg.checkpoint_steps is not None and cfg.checkpoint_steps < 0:
+        raise AdaptextError(f"--checkpoint-steps must be >= 0 (got {cfg.checkpoint_steps})")
+    if cfg.resume and not cfg.output:
+        raise AdaptextError("--resume needs --output DIR: the directory of the interrupted run")
+    if cfg.resume and cfg.overwrite:
+        raise AdaptextError("--resume continues a run and --overwrite starts it over; pass one of them")
+    if cfg.resume and cfg.method == "adalora":
+        raise AdaptextError("--resume does not support adalora (its rank allocator is not checkpointed); rerun it")
     return cfg
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptext import checkpoint
 from adaptext.cache import FeatureCache
 from adaptext.metrics import classification_metrics
 
@@ -268,6 +269,7 @@ class TrainResult:
     padding_fraction: float = 0.0  # share of the training batches' positions that were padding
     steps: int = 0
     stopped_early: bool = False
+    resumed_from_step: int | None = None
 
 
 def planned_steps(n_train: int, cfg: Any) -> tuple[int, int, int]:
@@ -289,11 +291,15 @@ def train_loop(
     log_path: Path | None = None,
     progress: bool = True,
     features: FeatureCache | None = None,
+    checkpointer: checkpoint.Checkpointer | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
     With ``features`` (see adaptext.cache), the frozen lower layers run once over train and
     validation at the start (counted in the training time) and every step runs only the layers above.
+    With ``checkpointer``, the run's state is saved at epoch ends and every few steps; ``resume`` (a
+    loaded checkpoint) continues such a run exactly where it stopped.
     """
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
@@ -323,25 +329,54 @@ def train_loop(
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
     bad_evals = 0
+    step = batch_no = skip = 0
+    seen = tokens = positions = 0
+    window_loss, window_n = 0.0, 0
+    trained_before = 0.0  # training seconds of the interrupted run, when resuming
+    if resume is not None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in resume["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(resume["optimizer"])
+        step, batch_no, skip = resume["step"], resume["batch_no"], resume["batch_in_epoch"]
+        counters = resume["counters"]
+        seen, tokens, positions = counters["seen"], counters["tokens"], counters["positions"]
+        window_loss, window_n, trained_before = counters["window_loss"], counters["window_n"], counters["train_seconds"]
+        result.history, result.best, bad_evals = resume["history"], resume["best"], resume["bad_evals"]
+        best_state = resume["best_state"]
+        rng.setstate(checkpoint.python_rng_from_tensor(resume["epoch_rng"]))  # replay this epoch's shuffle
+        result.resumed_from_step = step
+        if log_path is not None:
+            log_path.write_text(resume["log"], encoding="utf-8")
     log = log_path.open("a", encoding="utf-8") if log_path else None
     from tqdm.auto import tqdm
 
     # disable=None: a bar on terminals only, not a flood of carriage returns in CI logs and pipes.
-    bar = tqdm(total=total_batches, desc="train", unit="batch", disable=True if not progress else None, leave=False)
+    bar = tqdm(
+        total=total_batches, initial=batch_no, desc="train", unit="batch", disable=True if not progress else None,
+        leave=False,
+    )  # fmt: skip
     model.train()
-    step = batch_no = 0
-    seen = tokens = positions = 0
-    window_loss, window_n = 0.0, 0
     started = wall_started = time.perf_counter()
     if features is not None:
         for name, encoded in (("train", train_ids), ("validation", val_ids)):
             features.build(model, name, encoded, pad_id, max(cfg.batch_size, 64), precision)
     feed_val = (lambda b, w: features.feed("validation", b, w, device)) if features is not None else None
     attached = features.attached() if features is not None else contextlib.nullcontext()
+    if resume is not None:
+        checkpoint.set_rng_state(resume["rng"])  # dropout continues as it would have
+
+    def train_time() -> float:
+        return trained_before + time.perf_counter() - started
+
     try:
         with attached:
             while batch_no < total_batches:
-                for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+                epoch_rng = checkpoint.python_rng_to_tensor(rng)  # before this epoch's shuffle: resume replays it
+                for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng)):
+                    if k < skip:  # done before the checkpoint this run resumed from
+                        continue
                     if batch_no >= total_batches:
                         break
                     padded = collate([train_ids[i] for i in batch], pad_id, pad_multiple)
@@ -358,7 +393,8 @@ def train_loop(
                     positions += padded["input_ids"].numel()
                     window_loss += loss.item()
                     window_n += 1
-                    if batch_no % cfg.grad_accum == 0 or batch_no == total_batches:
+                    stepped = batch_no % cfg.grad_accum == 0 or batch_no == total_batches
+                    if stepped:
                         if cfg.max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                         factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
@@ -369,7 +405,7 @@ def train_loop(
                             rank_allocator(step)
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
-                        elapsed = time.perf_counter() - started
+                        elapsed = train_time()
                         if step % cfg.log_every == 0:
                             _write(log, {
                                 "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
@@ -404,6 +440,26 @@ def train_loop(
                             if cfg.early_stopping and bad_evals >= cfg.early_stopping:
                                 result.stopped_early = True
                                 break
+                    if (
+                        checkpointer is not None
+                        and stepped
+                        and batch_no < total_batches
+                        and checkpointer.due(step, batch_no % batches_per_epoch == 0)
+                    ):
+                        if log is not None:
+                            log.flush()
+                        checkpointer.save({
+                            "step": step, "batch_no": batch_no, "batch_in_epoch": k + 1, "epoch_rng": epoch_rng,
+                            "rng": checkpoint.rng_state(), "optimizer": optimizer.state_dict(),
+                            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                            "counters": {"seen": seen, "tokens": tokens, "positions": positions,
+                                         "window_loss": window_loss, "window_n": window_n,
+                                         "train_seconds": train_time()},
+                            "history": result.history, "best": result.best, "best_state": best_state,
+                            "bad_evals": bad_evals,
+                            "log": log_path.read_text(encoding="utf-8") if log_path is not None else "",
+                        })  # fmt: skip
+                skip = 0
                 if result.stopped_early:
                     break
     finally:
@@ -412,8 +468,8 @@ def train_loop(
             log.close()
         if features is not None:
             features.close()
-    result.train_seconds = time.perf_counter() - started
-    result.wall_seconds = time.perf_counter() - wall_started
+    result.train_seconds = train_time()
+    result.wall_seconds = trained_before + time.perf_counter() - wall_started
     result.samples_per_second = seen / result.train_seconds if seen else 0.0
     result.tokens_per_second = tokens / result.train_seconds if seen else 0.0
     result.padding_fraction = 1 - tokens / positions if positions else 0.0
