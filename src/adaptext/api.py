@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import resource
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, models
+from adaptext import artifacts, checkpoint, config, data, distributed, models
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError
@@ -25,9 +27,9 @@ from adaptext.predict import load
 from adaptext.train import (
     pick_device,
     planned_steps,
-    predict_logits,
     resolve_precision,
     seed_everything,
+    sharded_logits,
     tokenize,
     train_loop,
 )
@@ -75,8 +77,27 @@ def train(
     echo: Callable[[str], None] = print,
     **overrides: Any,
 ) -> TrainOutcome:
-    """Fine-tune, evaluate and save. Returns the output directory and its metrics."""
+    """Fine-tune, evaluate and save. Returns the output directory and its metrics.
+
+    Under ``torchrun`` (or ``accelerate launch``) the processes train together (see adaptext.distributed);
+    only rank 0 prints and writes.
+    """
     cfg = resolve_config(cfg, **overrides)
+    group = distributed.setup()
+    if not group.primary:
+        echo, progress = (lambda line: None), False
+    try:
+        outcome = _train(cfg, progress, echo, group)
+    except BaseException:
+        distributed.teardown(group, clean=False)
+        raise
+    distributed.teardown(group)
+    return outcome
+
+
+def _train(
+    cfg: config.TrainConfig, progress: bool, echo: Callable[[str], None], group: distributed.Group
+) -> TrainOutcome:
     if cfg.output is None:
         cfg.output = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         Path("runs").mkdir(exist_ok=True)
@@ -118,18 +139,20 @@ def train(
     encoded = {
         name: tokenize(tokenizer, split.texts, cfg.max_length, cfg.long_text) for name, split in dataset.splits.items()
     }
-    device = pick_device()
+    device = group.device() if group.active else pick_device()
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
+    processes = f" in {group.world} processes" if group.active else ""
     echo(
         f"train: {len(encoded['train']):,} examples x {cfg.epochs} epochs, batch {cfg.batch_size}, "
-        f"lr {cfg.resolved_lr():g}, {precision} on {device.type}"
+        f"lr {cfg.resolved_lr():g}, {precision} on {device.type}{processes}"
     )
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
     if features is not None or layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
-    with artifacts.staged_dir(output) as staging:
+    stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
+    with stage as staging:
         result = train_loop(
             model,
             encoded["train"],
@@ -139,17 +162,22 @@ def train(
             dataset.class_names,
             tokenizer.pad_token_id,
             cfg,
-            staging / "train_log.jsonl",
+            staging / "train_log.jsonl" if group.primary else None,
             progress,
             features,
-            None if cfg.method == "adalora" else checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps),
+            checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps)
+            if group.primary and cfg.method != "adalora"
+            else None,
             resume_state,
+            group,
         )
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
         for split in ("validation", "test"):
             if split in encoded:
-                logits = predict_logits(model, encoded[split], tokenizer.pad_token_id, eval_batch, precision, device)
+                logits = sharded_logits(
+                    model, encoded[split], tokenizer.pad_token_id, eval_batch, precision, device, group
+                )
                 metrics[split] = classification_metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -164,6 +192,7 @@ def train(
             "resumed_from_step": result.resumed_from_step,
             "precision": precision,
             "device": device.type,
+            "processes": group.world,
             "feature_cache": cache_note,
             "cached_layers": features.depth if features is not None else 0,
         }
@@ -183,23 +212,24 @@ def train(
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
-        artifacts.write_json(
-            staging / artifacts.LABELS_FILE, artifacts.label_map(dataset.class_names, tokenizer.pad_token_id)
-        )
-        artifacts.write_json(staging / artifacts.META_FILE, meta)
-        artifacts.write_json(staging / "metrics.json", metrics)
-        (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
-        final = metrics.get("test") or metrics["validation"]
-        save_confusion_png(
-            final["confusion_matrix"],
-            dataset.class_names,
-            staging / "confusion_matrix.png",
-            f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
-        )
-        if cfg.tensorboard:
-            _tensorboard(staging, result.history)
+        if group.primary:  # the other processes of a distributed run write nothing
+            artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
+            artifacts.write_json(
+                staging / artifacts.LABELS_FILE, artifacts.label_map(dataset.class_names, tokenizer.pad_token_id)
+            )
+            artifacts.write_json(staging / artifacts.META_FILE, meta)
+            artifacts.write_json(staging / "metrics.json", metrics)
+            (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+            (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
+            final = metrics.get("test") or metrics["validation"]
+            save_confusion_png(
+                final["confusion_matrix"],
+                dataset.class_names,
+                staging / "confusion_matrix.png",
+                f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
+            )
+            if cfg.tensorboard:
+                _tensorboard(staging, result.history)
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
@@ -207,6 +237,12 @@ def train(
         _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="adaptext-rank-") as tmp:
+        yield Path(tmp)
 
 
 def _prepare_output(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptext import checkpoint
+from adaptext import checkpoint, distributed
 from adaptext.cache import FeatureCache
 from adaptext.metrics import classification_metrics
 
@@ -209,6 +209,25 @@ def predict_logits(
     return logits
 
 
+def sharded_logits(
+    model: nn.Module,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    group: distributed.Group,
+    feed: Callable[[list[int], int], None] | None = None,
+) -> np.ndarray:
+    """``predict_logits`` with the rows split over the processes of ``group`` and gathered back in order."""
+    if not group.active:
+        return predict_logits(model, encoded, pad_id, batch_size, precision, device, feed)
+    mine = group.share(list(range(len(encoded))))
+    local_feed = (lambda b, w: feed([mine[i] for i in b], w)) if feed is not None else None
+    local = predict_logits(model, [encoded[i] for i in mine], pad_id, batch_size, precision, device, local_feed)
+    return distributed.gather_rows(group, local, len(encoded))
+
+
 # ---------------------------------------------------------------- optimisation
 
 
@@ -293,14 +312,17 @@ def train_loop(
     features: FeatureCache | None = None,
     checkpointer: checkpoint.Checkpointer | None = None,
     resume: dict[str, Any] | None = None,
+    group: distributed.Group | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
     With ``features`` (see adaptext.cache), the frozen lower layers run once over train and
     validation at the start (counted in the training time) and every step runs only the layers above.
     With ``checkpointer``, the run's state is saved at epoch ends and every few steps; ``resume`` (a
-    loaded checkpoint) continues such a run exactly where it stopped.
+    loaded checkpoint) continues such a run exactly where it stopped. With ``group`` (see
+    adaptext.distributed), each process trains on its rows of every global batch.
     """
+    group = group or distributed.Group()
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
@@ -321,6 +343,7 @@ def train_loop(
     pad_multiple = 32 if cfg.compile else 8
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.resolved_lr())
     trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_params(group, trainable)
     weights = class_weight_tensor(train_labels, len(class_names)).to(device) if cfg.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     labels_all = torch.tensor(train_labels, dtype=torch.long)
@@ -330,7 +353,7 @@ def train_loop(
     best_state: dict[str, torch.Tensor] | None = None
     bad_evals = 0
     step = batch_no = skip = 0
-    seen = tokens = positions = 0
+    seen = tokens = positions = real = 0  # real/positions: this process's tokens, for the padding share
     window_loss, window_n = 0.0, 0
     trained_before = 0.0  # training seconds of the interrupted run, when resuming
     if resume is not None:
@@ -342,6 +365,7 @@ def train_loop(
         step, batch_no, skip = resume["step"], resume["batch_no"], resume["batch_in_epoch"]
         counters = resume["counters"]
         seen, tokens, positions = counters["seen"], counters["tokens"], counters["positions"]
+        real = counters.get("real", tokens)
         window_loss, window_n, trained_before = counters["window_loss"], counters["window_n"], counters["train_seconds"]
         result.history, result.best, bad_evals = resume["history"], resume["best"], resume["bad_evals"]
         best_state = resume["best_state"]
@@ -379,27 +403,33 @@ def train_loop(
                         continue
                     if batch_no >= total_batches:
                         break
-                    padded = collate([train_ids[i] for i in batch], pad_id, pad_multiple)
-                    inputs = {k: v.to(device) for k, v in padded.items()}
-                    if features is not None:
-                        features.feed("train", batch, padded["input_ids"].shape[1], device)
-                    with autocast(precision, device):
-                        logits = step_model(**inputs).logits
-                    loss = loss_fn(logits.float(), labels_all[batch].to(device))
-                    (loss / cfg.grad_accum).backward()
+                    rows = group.share(batch)
+                    if rows:  # (a process can get no rows of a short last batch; it still joins the sum)
+                        padded = collate([train_ids[i] for i in rows], pad_id, pad_multiple)
+                        inputs = {k: v.to(device) for k, v in padded.items()}
+                        if features is not None:
+                            features.feed("train", rows, padded["input_ids"].shape[1], device)
+                        with autocast(precision, device):
+                            logits = step_model(**inputs).logits
+                        loss = loss_fn(logits.float(), labels_all[rows].to(device))
+                        # Scaled by this process's share of the batch: summed over processes, the gradient
+                        # is the whole batch's mean, as in a single process.
+                        (loss * (len(rows) / len(batch)) / cfg.grad_accum).backward()
+                        positions += padded["input_ids"].numel()
+                        real += sum(lengths[i] for i in rows)
+                        window_loss += loss.item()
+                        window_n += 1
                     batch_no += 1
                     seen += len(batch)
                     tokens += sum(lengths[i] for i in batch)
-                    positions += padded["input_ids"].numel()
-                    window_loss += loss.item()
-                    window_n += 1
                     stepped = batch_no % cfg.grad_accum == 0 or batch_no == total_batches
                     if stepped:
+                        distributed.sum_gradients(group, trainable)
                         if cfg.max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                         factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
-                        for group in optimizer.param_groups:
-                            group["lr"] = cfg.resolved_lr() * factor
+                        for param_group in optimizer.param_groups:
+                            param_group["lr"] = cfg.resolved_lr() * factor
                         optimizer.step()
                         if rank_allocator is not None:  # AdaLoRA prunes ranks from the gradients' sensitivity
                             rank_allocator(step)
@@ -409,17 +439,17 @@ def train_loop(
                         if step % cfg.log_every == 0:
                             _write(log, {
                                 "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
-                                "loss": round(window_loss / window_n, 5), "lr": cfg.resolved_lr() * factor,
+                                "loss": round(window_loss / max(window_n, 1), 5), "lr": cfg.resolved_lr() * factor,
                                 "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
                             })  # fmt: skip
-                        bar.set_postfix(loss=f"{window_loss / window_n:.4f}", sps=f"{seen / elapsed:.1f}")
+                        bar.set_postfix(loss=f"{window_loss / max(window_n, 1):.4f}", sps=f"{seen / elapsed:.1f}")
                         if step % cfg.log_every == 0:
                             window_loss, window_n = 0.0, 0
                     bar.update(1)
                     if batch_no in eval_points:
                         eval_started = time.perf_counter()
-                        val_logits = predict_logits(
-                            model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, feed_val
+                        val_logits = sharded_logits(
+                            model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, group, feed_val
                         )
                         metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
@@ -452,7 +482,7 @@ def train_loop(
                             "step": step, "batch_no": batch_no, "batch_in_epoch": k + 1, "epoch_rng": epoch_rng,
                             "rng": checkpoint.rng_state(), "optimizer": optimizer.state_dict(),
                             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                            "counters": {"seen": seen, "tokens": tokens, "positions": positions,
+                            "counters": {"seen": seen, "tokens": tokens, "positions": positions, "real": real,
                                          "window_loss": window_loss, "window_n": window_n,
                                          "train_seconds": train_time()},
                             "history": result.history, "best": result.best, "best_state": best_state,
@@ -472,7 +502,7 @@ def train_loop(
     result.wall_seconds = trained_before + time.perf_counter() - wall_started
     result.samples_per_second = seen / result.train_seconds if seen else 0.0
     result.tokens_per_second = tokens / result.train_seconds if seen else 0.0
-    result.padding_fraction = 1 - tokens / positions if positions else 0.0
+    result.padding_fraction = 1 - real / positions if positions else 0.0
     result.steps = step
     if best_state is not None:
         params = dict(model.named_parameters())
