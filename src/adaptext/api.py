@@ -18,7 +18,7 @@ import yaml
 from adaptext import artifacts, config, data, models
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
-from adaptext.errors import AdaptextError
+from adaptext.errors import AdaptextError, names
 from adaptext.metrics import classification_metrics, format_report, save_confusion_png
 from adaptext.predict import load
 from adaptext.train import (
@@ -86,7 +86,7 @@ def train(
     source = models.resolve_model(cfg.model)
     dataset = data.load_training_data(cfg)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in dataset.splits.items())
-    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {', '.join(dataset.class_names[:12])}")
+    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {names(dataset.class_names, 12)}")
     for note in dataset.notes:
         echo(f"data: {note}")
     _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
@@ -211,7 +211,7 @@ def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.T
     ratio, counts = data.skew(labels, class_names)
     if ratio < data.SKEW_RATIO:
         return
-    shown = [f"{name} {n:,}" for name, n in counts.items()]
+    shown = [f"{names([name])} {n:,}" for name, n in counts.items()]
     if len(shown) > 12:
         shown = shown[:6] + [f"... {len(shown) - 10} more ..."] + shown[-4:]
     what = f"training classes are imbalanced (largest/smallest {ratio:.1f}x): {', '.join(shown)}"

@@ -246,6 +246,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and value < 2:
             raise AdaptextError(f"--{name.replace('_', '-')} must be at least 2 (got {value})")
+    for name in ("seed", "data_seed"):  # numpy's and sklearn's seeds are 32-bit unsigned
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < 2**32:
+            raise AdaptextError(f"--{name.replace('_', '-')} must be between 0 and {2**32 - 1} (got {value})")
     if cfg.lr is not None and not 0 < cfg.lr < 1:
         raise AdaptextError(f"--lr must be between 0 and 1 (got {cfg.lr})")
     if not 0 < cfg.validation_fraction < 1:
@@ -256,7 +260,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise AdaptextError(f"--warmup-steps must be >= 0 (got {cfg.warmup_steps})")
     if not 0 <= cfg.lora_dropout < 1:
         raise AdaptextError("--lora-dropout must be in [0, 1)")
-    if not 0 <= cfg.focal_gamma <= MAX_FOCAL_GAMMA:  # also refuses NaN
+    if not 0 <= cfg.focal_gamma <= MAX_FOCAL_GAMMA:
         raise AdaptextError(
             f"--focal-gamma must be between 0 and {MAX_FOCAL_GAMMA:g} (got {cfg.focal_gamma}); 2 is the usual choice"
         )

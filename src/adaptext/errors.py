@@ -10,3 +10,12 @@ class AdaptextError(Exception):
     """
 
     exit_code = 2
+
+
+def names(values: object, limit: int = 10) -> str:
+    """User-supplied names (columns, classes, splits) for a one-line message: comma-separated, each as
+    is when printable, else as its repr (a column called "a\\nb" must not break the line), at most ``limit``."""
+    items = [str(v) for v in values]  # type: ignore[attr-defined]
+    shown = [v if v.isprintable() and v.strip() == v and v else repr(v) for v in items[:limit]]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(shown) + more
