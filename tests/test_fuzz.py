@@ -349,6 +349,8 @@ def test_predict_argument_that_is_not_a_list_of_texts(classifier, value):
     rows = refused_cleanly(classifier.predict, value)
     if rows is not None:
         assert isinstance(value, (str, tuple)) or hasattr(value, "__next__")
+    if isinstance(value, str):  # one string is one text everywhere, not a list of characters
+        assert len(rows) == 1 and classifier.logits(value).shape == (1, len(classifier.class_names))
 
 
 def _encodable(text: str) -> bool:
@@ -404,3 +406,37 @@ def test_cli_predict_odd_inputs_write_all_or_nothing(classifier, tmp_path):
     assert_exit_0_or_one_error(result)
     assert result.returncode == 2 and not refused.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+# ------------------------------------------------------------------ config files
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+option_names = st.sampled_from(["lr", "epochs", "batch_size", "loss", "focal_gamma", "class_weights", "layers",
+                                "text_column", "seed", "model", "metric", "top_layers"])  # fmt: skip
+
+
+@FUZZ
+@given(
+    values=st.dictionaries(option_names | st.text(max_size=6) | st.integers(), yaml_values, max_size=4),
+    raw=st.text(max_size=60),
+)
+@example(values={1: 2}, raw="")
+@example(values={"lr": "2e-3", "epochs": "1e400"}, raw="? [a]\n: 1\n")
+def test_config_files_are_options_or_one_line_errors(tmp_path, values, raw):
+    import yaml
+
+    for text in (yaml.safe_dump(values), raw):
+        path = tmp_path / "run.yaml"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        loaded = refused_cleanly(config.load_file, path)
+        if loaded is not None:
+            refused_cleanly(resolve, loaded, str(path))
+
+
+def resolve(values: dict[str, Any], source: str) -> config.TrainConfig:
+    return config.validate(config.from_dict(values, source=source))

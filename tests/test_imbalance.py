@@ -104,6 +104,7 @@ def test_focal_with_class_weights_trains_saves_and_reloads(tiny_models, tmp_path
     saved = yaml.safe_load((outcome.output / "run_config.yaml").read_text())
     assert saved["loss"] == "focal" and saved["focal_gamma"] == 1.5 and saved["class_weights"] is True
     assert json.loads((outcome.output / "adaptext.json").read_text())["config"]["loss"] == "focal"
+    assert "loss focal (gamma 1.5), class-weighted" in (outcome.output / "README.md").read_text()  # model card
     again = adaptext.evaluate(outcome.output, str(tmp_path), split="test")
     assert again["accuracy"] == outcome.metrics["test"]["accuracy"]
     assert again["macro_f1"] == outcome.metrics["test"]["macro_f1"]

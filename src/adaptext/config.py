@@ -297,6 +297,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise AdaptextError(f"config file {str(path)!r} must hold a mapping of option: value")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise AdaptextError(f"config file {str(path)!r}: option names must be words, not {bad[0]!r}; fix that key")
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 

@@ -97,11 +97,10 @@ def _cells(frame: pd.DataFrame, column: str, origin: str, what: str) -> list[Any
                 ) from None
         elif isinstance(value, (list, tuple, dict, set, np.ndarray)):
             kind = "mapping" if isinstance(value, dict) else "list"
-            fix = "give each row one label (adaptext trains single-label classifiers)" if what == "label" else (
-                "give one string per row"
-            )  # fmt: skip
+            fix = "give each row one label (adaptext trains single-label classifiers)"
             raise AdaptextError(
-                f"{origin}: row {row} of {column!r} holds a {kind} ({_short(value)}), not a single {what}; {fix}"
+                f"{origin}: row {row} of {column!r} holds a {kind} ({_short(value)}), not a single {what}; "
+                + (fix if what == "label" else "give one string per row")
             )
         elif isinstance(value, np.generic):
             value = value.item()

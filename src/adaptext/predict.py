@@ -70,7 +70,10 @@ def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict
 
 
 def check_texts(texts: Any) -> list[str]:
-    """The texts as a list of valid Unicode strings, or one AdaptextError line naming the first bad one."""
+    """The texts as a list of valid Unicode strings (one string: a list of one), or one AdaptextError line
+    naming the first bad one."""
+    if isinstance(texts, str):
+        texts = [texts]
     # A mapping or set iterates in an order the caller did not choose (a dict would classify its keys),
     # and bytes iterate as numbers: refuse them along with non-iterables.
     if isinstance(texts, (bytes, bytearray, Mapping, Set)) or not isinstance(texts, Iterable):
