@@ -21,7 +21,7 @@ import yaml
 from adaptext import artifacts, checkpoint, config, data, distributed, models
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
-from adaptext.errors import AdaptextError
+from adaptext.errors import AdaptextError, names
 from adaptext.metrics import classification_metrics, format_report, save_confusion_png
 from adaptext.predict import load
 from adaptext.train import (
@@ -108,9 +108,10 @@ def _train(
     source = models.resolve_model(cfg.model)
     dataset = data.load_training_data(cfg)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in dataset.splits.items())
-    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {', '.join(dataset.class_names[:12])}")
+    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {names(dataset.class_names, 12)}")
     for note in dataset.notes:
         echo(f"data: {note}")
+    _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
 
     tokenizer = models.load_tokenizer(source)
     id2label = dict(enumerate(dataset.class_names))
@@ -264,6 +265,26 @@ def _prepare_output(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tup
     if found:  # --overwrite: the old run's checkpoint must not be resumed into this one
         shutil.rmtree(output / checkpoint.FOLDER, ignore_errors=True)
     return output, None
+
+
+def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.TrainConfig, echo: Callable) -> None:
+    """Skewed training classes (largest/smallest >= data.SKEW_RATIO): the counts, and the remedies not in use."""
+    ratio, counts = data.skew(labels, class_names)
+    if ratio < data.SKEW_RATIO:
+        return
+    shown = [f"{names([name])} {n:,}" for name, n in counts.items()]
+    if len(shown) > 12:
+        shown = shown[:6] + [f"... {len(shown) - 10} more ..."] + shown[-4:]
+    what = f"training classes are imbalanced (largest/smallest {ratio:.1f}x): {', '.join(shown)}"
+    in_use = {"--class-weights": cfg.class_weights, "--loss focal": cfg.loss == "focal"}
+    losses = [flag for flag, used in in_use.items() if not used]
+    tips = [" and/or ".join(losses)] if losses else []
+    if cfg.metric != "macro_f1":
+        tips.append("--metric macro_f1 (keeps the epoch that is best over all classes, not the largest)")
+    if not tips:
+        echo(f"data: {what}; using --class-weights, --loss focal and --metric macro_f1")
+        return
+    echo(f"warning: {what}; accuracy can look good while small classes are missed: try {', and '.join(tips)}")
 
 
 def _warn_if_nothing_learned(val: dict[str, Any], labels: list[int], cfg: config.TrainConfig, echo: Callable) -> None:

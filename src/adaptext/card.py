@@ -82,6 +82,9 @@ The adapter's `base_model_name_or_path` is `{base["path"]}`; on another machine 
 (`{base_id}`) with `AutoModelForSequenceClassification.from_pretrained(..., num_labels={num_labels})`
 and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.
 """
+    loss = cfg.get("loss", "cross-entropy") + (f" (gamma {cfg['focal_gamma']:g})" if cfg.get("loss") == "focal" else "")
+    if cfg.get("class_weights"):
+        loss += ", class-weighted"
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
 ---
@@ -107,7 +110,7 @@ Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = 
 
 method {meta["method"]}, target modules {", ".join(meta.get("target_modules") or []) or "-"},
 r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, lr={meta["lr"]}, epochs={cfg["epochs"]},
-batch size {cfg["batch_size"]}, max length {cfg["max_length"]}, scheduler {cfg["scheduler"]}, seed {cfg["seed"]}.
+batch size {cfg["batch_size"]}, max length {cfg["max_length"]}, scheduler {cfg["scheduler"]}, loss {loss}, seed {cfg["seed"]}.
 Newly initialised modules trained and saved with the adapter: {", ".join(meta["head_modules"]) or "-"}.
 The full resolved configuration is in `run_config.yaml`; re-run it with
 `adaptext train --config {folder_name}/run_config.yaml --output NEW_DIR`.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss")
+LOSSES = ("cross-entropy", "focal")
+MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
 TOP_LAYER_METHODS = ("lora", "dora", "rslora", "adalora", "vera", "loha", "lokr", "full")
@@ -124,7 +127,17 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "Warm-up steps (overrides --warmup-ratio).")
     scheduler: str = _f("linear", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    class_weights: bool = _f(False, "Weight the loss by inverse class frequency.")
+    class_weights: bool = _f(
+        False, "Weight the loss by inverse class frequency (with --loss focal: the weights are focal's alpha)."
+    )
+    loss: str = _f(
+        "cross-entropy",
+        "Training loss: cross-entropy, or focal (Lin et al. 2017: scales each example's cross-entropy by "
+        "(1 - p_true)^gamma, so examples the model already gets right count less; for skewed classes).",
+    )
+    focal_gamma: float = _f(
+        2.0, f"Focal loss focusing exponent gamma, 0 to {MAX_FOCAL_GAMMA:g} (0 is cross-entropy; with --loss focal)."
+    )
     metric: str = _f("accuracy", "Metric for best-checkpoint selection: " + ", ".join(METRICS) + ".")
     early_stopping: int | None = _f(None, "Stop after this many evaluations without improvement.")
     evals_per_epoch: int = _f(1, "Validation passes per epoch.")
@@ -165,13 +178,52 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise AdaptextError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
 
 
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """One value as its field's type. YAML hands over strings for numbers it does not recognise (PyYAML
+    reads ``2e-3`` as a string: it wants ``2.0e-3``) and the Python API takes anything."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        if "None" in kind:
+            return None
+        raise AdaptextError(f"{flag} needs a value (got none)")
+    base = kind.split("|")[0].strip()
+    if base.startswith("list"):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(name, base[5:-1], v) for v in values]
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise AdaptextError(f"{flag} must be true or false (got {value!r})")
+    if base == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise AdaptextError(f"{flag} must be a single value (got {value!r})")
+    number = float if base == "float" else int
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise AdaptextError(f"{flag} must be a number (got {value!r})")
+    try:
+        converted = float(value)
+    except (ValueError, OverflowError):
+        raise AdaptextError(f"{flag} must be a number (got {value!r})") from None
+    if not math.isfinite(converted):
+        raise AdaptextError(f"{flag} must be a finite number (got {value!r})")
+    if number is int:
+        if not converted.is_integer():
+            raise AdaptextError(f"{flag} must be a whole number (got {value!r})")
+        return int(converted)
+    return int(value) if isinstance(value, int) else converted
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field once, at the edge, so later stages can trust the config."""
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce(f.name, str(f.type), getattr(cfg, f.name)))
     _check_choice("method", cfg.method, METHODS)
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
     _check_choice("metric", cfg.metric, METRICS)
+    _check_choice("loss", cfg.loss, LOSSES)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
     if cfg.top_layers:
         if cfg.top_layers < 0:
@@ -202,6 +254,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and value < 2:
             raise AdaptextError(f"--{name.replace('_', '-')} must be at least 2 (got {value})")
+    for name in ("seed", "data_seed"):  # numpy's and sklearn's seeds are 32-bit unsigned
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < 2**32:
+            raise AdaptextError(f"--{name.replace('_', '-')} must be between 0 and {2**32 - 1} (got {value})")
     if cfg.lr is not None and not 0 < cfg.lr < 1:
         raise AdaptextError(f"--lr must be between 0 and 1 (got {cfg.lr})")
     if not 0 < cfg.validation_fraction < 1:
@@ -220,6 +276,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise AdaptextError("--resume continues a run and --overwrite starts it over; pass one of them")
     if cfg.resume and cfg.method == "adalora":
         raise AdaptextError("--resume does not support adalora (its rank allocator is not checkpointed); rerun it")
+    if not 0 <= cfg.focal_gamma <= MAX_FOCAL_GAMMA:
+        raise AdaptextError(
+            f"--focal-gamma must be between 0 and {MAX_FOCAL_GAMMA:g} (got {cfg.focal_gamma}); 2 is the usual choice"
+        )
     return cfg
 
 
@@ -253,6 +313,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise AdaptextError(f"config file {str(path)!r} must hold a mapping of option: value")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise AdaptextError(f"config file {str(path)!r}: option names must be words, not {bad[0]!r}; fix that key")
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 

@@ -8,13 +8,15 @@ names the file, the rows and the fix.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from adaptext.errors import AdaptextError
+from adaptext.errors import AdaptextError, names
 from adaptext.readers import Table, load_tables, read_table
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
@@ -55,14 +57,14 @@ def _pick_column(
     columns = [str(c) for c in frame.columns]
     if wanted is not None:
         if wanted not in columns:
-            raise AdaptextError(f"{origin}: no {what} column {wanted!r} (columns: {', '.join(columns)}); fix {flag}")
+            raise AdaptextError(f"{origin}: no {what} column {wanted!r} (columns: {names(columns, 20)}); fix {flag}")
         return wanted
     lowered = {c.lower(): c for c in columns}
     for name in candidates:
         if name in lowered:
             return lowered[name]
     raise AdaptextError(
-        f"{origin}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); pass {flag}"
+        f"{origin}: cannot tell which column holds the {what} (columns: {names(columns, 20)}); pass {flag}"
     )
 
 
@@ -75,10 +77,41 @@ def _blank_rows(values: list[Any]) -> list[int]:
     ]
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cells(frame: pd.DataFrame, column: str, origin: str, what: str) -> list[Any]:
+    """A column's cells as plain Python scalars: numpy scalars unwrapped, bytes (Parquet binary columns)
+    decoded as UTF-8; a list, array or mapping in a cell (a multi-label or nested file) is refused."""
+    out = []
+    for row, value in enumerate(frame[column].tolist()):
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise AdaptextError(
+                    f"{origin}: row {row} of {column!r} holds bytes that are not UTF-8 text ({_short(value)}); "
+                    "store that column as UTF-8 strings"
+                ) from None
+        elif isinstance(value, (list, tuple, dict, set, np.ndarray)):
+            kind = "mapping" if isinstance(value, dict) else "list"
+            fix = "give each row one label (adaptext trains single-label classifiers)"
+            raise AdaptextError(
+                f"{origin}: row {row} of {column!r} holds a {kind} ({_short(value)}), not a single {what}; "
+                + (fix if what == "label" else "give one string per row")
+            )
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out.append(value)
+    return out
+
+
 def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
     parts = []
     for column in columns:
-        values = frame[column].tolist()
+        values = _cells(frame, column, origin, "text")
         bad = _blank_rows(values)
         if bad:
             raise AdaptextError(
@@ -97,7 +130,7 @@ def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
 
 
 def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
-    values = frame[column].tolist()
+    values = _cells(frame, column, origin, "label")
     bad = _blank_rows(values)
     if bad:
         raise AdaptextError(
@@ -108,14 +141,10 @@ def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
     for v in values:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
-        if hasattr(v, "item"):  # numpy scalar
-            v = v.item()
         if isinstance(v, float):
             raise AdaptextError(
                 f"{origin}: label {v!r} in {column!r} is not a class; classification needs integer or string labels"
             )
-        if isinstance(v, (list, dict)):
-            raise AdaptextError(f"{origin}: label {v!r} in {column!r} is not a single class")
         out.append(v.strip() if isinstance(v, str) else v)
     return out
 
@@ -124,8 +153,18 @@ def build_label_names(raw: list[Any], declared: list[str] | None, origin: str) -
     """Class names in label order: declared names if any, else the sorted distinct labels."""
     if declared:
         return list(declared)
-    distinct = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
-    return [str(v) for v in distinct]
+    # Distinct by the name a label is known by (1 and "1" are one class; True and 1 are two, though
+    # True == 1 in Python); numbers in numeric order first, then the rest by name.
+    by_name: dict[str, Any] = {}
+    for v in raw:
+        if str(v) not in by_name or _is_number(v):
+            by_name[str(v)] = v
+    order = sorted(by_name.items(), key=lambda item: (0, item[1], "") if _is_number(item[1]) else (1, 0, item[0]))
+    return [name for name, _ in order]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def encode_labels(
@@ -145,7 +184,7 @@ def encode_labels(
         shown = ", ".join(repr(v) for v in sorted(set(map(str, unknown)))[:5])
         raise AdaptextError(
             f"{origin}: labels {shown} are not among the training classes "
-            f"({', '.join(class_names[:10])}); fix those rows or train on data that has them"
+            f"({names(class_names)}); fix those rows or train on data that has them"
         )
     return ids
 
@@ -174,6 +213,28 @@ def table_label_names(table: Table, label_column: str | None) -> tuple[list[str]
     return names, bool(table.class_names)
 
 
+# ---------------------------------------------------------------- class balance
+
+# Training data whose largest class has at least this many times the examples of its smallest is
+# called imbalanced (a warning at training start suggests the remedies). At 3x a model that never
+# answers the small class still scores well on accuracy, and that is when the remedies start to pay.
+SKEW_RATIO = 3.0
+
+
+def class_counts(labels: list[int], class_names: list[str]) -> dict[str, int]:
+    """Examples per class present in ``labels``, largest first (ties in label order)."""
+    counts = Counter(labels)
+    return {class_names[i]: n for i, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))}
+
+
+def skew(labels: list[int], class_names: list[str]) -> tuple[float, dict[str, int]]:
+    """Largest over smallest class count (classes present only) and the counts, largest first."""
+    counts = class_counts(labels, class_names)
+    if not counts:
+        return 1.0, counts
+    return max(counts.values()) / min(counts.values()), counts
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -186,22 +247,33 @@ def stratified_sample(split: Split, size: int | None, seed: int) -> Split:
 
 
 def _stratified_indices(labels: list[int], first_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into ``first_size`` and the rest, keeping each class's share in both.
+
+    A class with a single example cannot be shared out (and would stop sklearn from stratifying any
+    class): it goes to the first part (the training examples, or the sample), the rest is stratified.
+    """
     from sklearn.model_selection import train_test_split
 
-    indices = list(range(len(labels)))
-    counts = pd.Series(labels).value_counts()
-    can_stratify = counts.min() >= 2 and first_size >= len(counts) and len(labels) - first_size >= len(counts)
-    first, second = train_test_split(
-        indices,
-        train_size=first_size,
-        random_state=seed,
-        stratify=labels if can_stratify else None,
+    counts = Counter(labels)
+    singles = [i for i, label in enumerate(labels) if counts[label] == 1]
+    pool = [i for i, label in enumerate(labels) if counts[label] > 1]
+    pool_first = first_size - len(singles)
+    if not singles or pool_first < 1 or len(pool) - pool_first < 1:
+        singles, pool, pool_first = [], list(range(len(labels))), first_size
+    pool_labels = [labels[i] for i in pool]
+    n_classes = len(set(pool_labels))
+    can_stratify = (
+        min(Counter(pool_labels).values()) >= 2 and pool_first >= n_classes and len(pool) - pool_first >= n_classes
     )
-    return sorted(first), sorted(second)
+    first, second = train_test_split(
+        pool, train_size=pool_first, random_state=seed, stratify=pool_labels if can_stratify else None
+    )
+    return sorted(first + singles), sorted(second)
 
 
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    n_val = max(len(set(split.labels)), round(len(split) * fraction))
+    shareable = sum(1 for n in Counter(split.labels).values() if n > 1)  # one-example classes stay in train
+    n_val = max(shareable, round(len(split) * fraction), 1)
     if len(split) - n_val < 2:
         raise AdaptextError(
             f"only {len(split)} training examples: too few to carve a validation split; "
@@ -229,7 +301,7 @@ def load_training_data(cfg: Any) -> TextDataset:
     spec = cfg.data or str(demo_data_dir())
     tables = load_tables(spec, cfg.data_subset, cfg.encoding)
     if cfg.train_split not in tables:
-        raise AdaptextError(f"{spec}: no split {cfg.train_split!r} (found: {', '.join(tables)}); fix --train-split")
+        raise AdaptextError(f"{spec}: no split {cfg.train_split!r} (found: {names(tables)}); fix --train-split")
     train_table = tables[cfg.train_split]
     class_names, declared = table_label_names(train_table, cfg.label_column)
     convert = lambda t: table_to_split(t, cfg.text_column, cfg.label_column, class_names, declared)  # noqa: E731
@@ -243,14 +315,14 @@ def load_training_data(cfg: Any) -> TextDataset:
         )
     if declared and len(present) < len(class_names):
         missing = [class_names[i] for i in range(len(class_names)) if i not in present]
-        notes.append(f"classes with no training example: {', '.join(missing)}")
+        notes.append(f"classes with no training example: {names(missing, 20)}")
 
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     val_name = cfg.validation_split
     if val_name is None:
         val_name = next((n for n in ("validation", "valid", "dev") if n in tables), None)
     elif val_name not in tables:
-        raise AdaptextError(f"{spec}: no split {val_name!r} (found: {', '.join(tables)}); fix --validation-split")
+        raise AdaptextError(f"{spec}: no split {val_name!r} (found: {names(tables)}); fix --validation-split")
 
     if val_name is not None:
         train = stratified_sample(train, cfg.train_size, seed)
@@ -303,12 +375,12 @@ def load_eval_split(
     if split is None:
         split = next((s for s in ("test", "validation", "train") if s in tables), next(iter(tables)))
     if split not in tables:
-        raise AdaptextError(f"{spec}: no split {split!r} (found: {', '.join(tables)}); fix --split")
+        raise AdaptextError(f"{spec}: no split {split!r} (found: {names(tables)}); fix --split")
     table = tables[split]
     if table.class_names and table.class_names != class_names:
         raise AdaptextError(
-            f"{table.origin}: its classes ({', '.join(table.class_names[:8])}) differ from the "
-            f"model's ({', '.join(class_names[:8])}); evaluate on data with the model's label set"
+            f"{table.origin}: its classes ({names(table.class_names, 8)}) differ from the "
+            f"model's ({names(class_names, 8)}); evaluate on data with the model's label set"
         )
     declared = True
     # Labels given as strings are looked up by class name; ints index the model's classes.

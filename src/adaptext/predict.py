@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,17 @@ def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict
     return results
 
 
-def check_texts(texts: list[Any]) -> list[str]:
+def check_texts(texts: Any) -> list[str]:
+    """The texts as a list of valid Unicode strings (one string: a list of one), or one AdaptextError line
+    naming the first bad one."""
+    if isinstance(texts, str):
+        texts = [texts]
+    # A mapping or set iterates in an order the caller did not choose (a dict would classify its keys),
+    # and bytes iterate as numbers: refuse them along with non-iterables.
+    if isinstance(texts, (bytes, bytearray, Mapping, Set)) or not isinstance(texts, Iterable):
+        raise AdaptextError(
+            f"texts must be a string or a list of strings, not {type(texts).__name__}; e.g. predict(['some text'])"
+        )
     out = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from adaptext.errors import AdaptextError
+from adaptext.errors import names as names_of
 
 EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
 SPLIT_ALIASES = {
@@ -41,6 +42,18 @@ def _read_classes_json(folder: Path) -> list[str] | None:
     names = value.get("names") if isinstance(value, dict) else value
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise AdaptextError(f'{path} must be {{"names": [...]}} or a JSON list of class names')
+    return _check_class_names(names, str(path))
+
+
+def _check_class_names(names: list[str], where: str) -> list[str]:
+    """Declared class names: at least two, distinct, not blank (a label id indexes them)."""
+    if len(names) < 2:
+        raise AdaptextError(f"{where}: declares {len(names)} class name(s); classification needs at least two")
+    if any(not n.strip() for n in names):
+        raise AdaptextError(f"{where}: declares a blank class name; give every class a name")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdaptextError(f"{where}: declares the class name(s) {names_of(repeated)} more than once; list each once")
     return names
 
 
@@ -58,6 +71,9 @@ def read_table(path: Path, encoding: str = "utf-8") -> Table:
             meta = table.schema.metadata or {}
             if b"class_names" in meta:
                 class_names = json.loads(meta[b"class_names"])
+                if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+                    raise AdaptextError(f"{path}: its 'class_names' metadata must be a JSON list of strings")
+                class_names = _check_class_names(class_names, f"{path} (class_names metadata)")
             frame = table.to_pandas()
         elif suffix in (".csv", ".tsv"):
             # Only truly empty cells are missing: a text that reads "NA" or "null" is still text.
@@ -71,12 +87,12 @@ def read_table(path: Path, encoding: str = "utf-8") -> Table:
                 na_values=[""],
             )
         elif suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+            frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False, convert_axes=False)
         else:
             try:
-                frame = pd.read_json(path, encoding=encoding, dtype=False)
+                frame = pd.read_json(path, encoding=encoding, dtype=False, convert_axes=False)
             except ValueError:
-                frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False)
+                frame = pd.read_json(path, lines=True, encoding=encoding, dtype=False, convert_axes=False)
     except UnicodeDecodeError as exc:
         raise AdaptextError(
             f"{path} is not valid {encoding} (bad byte at position {exc.start}); "
@@ -86,9 +102,12 @@ def read_table(path: Path, encoding: str = "utf-8") -> Table:
         raise AdaptextError(f"{path} is empty; give a file with a header row and examples") from None
     except FileNotFoundError:
         raise AdaptextError(f"{path} not found; check the path") from None
+    except AdaptextError:
+        raise
     except Exception as exc:  # pandas/pyarrow raise many parser error types
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise AdaptextError(f"{path} could not be parsed as {suffix[1:]} ({first}); fix the file") from None
+    frame.columns = [str(c) for c in frame.columns]  # columns are named by strings (--text-column)
     return Table(frame, class_names or _read_classes_json(path.parent), str(path))
 
 
