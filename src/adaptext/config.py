@@ -24,7 +24,8 @@ METHODS = (
 )  # fmt: skip
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
-LONG_TEXT = ("head+tail", "truncate")
+LONG_TEXT = ("head+tail", "truncate", "sliding")
+WINDOW_POOLS = ("mean", "max")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss")
 FEATURE_CACHE = ("auto", "off")
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
@@ -84,7 +85,24 @@ class TrainConfig:
     long_text: str = _f(
         "head+tail",
         "Texts longer than --max-length: head+tail keeps the first quarter and the last three quarters "
-        "of the tokens (the end of a review carries its verdict); truncate keeps the beginning.",
+        "of the tokens (the end of a review carries its verdict); truncate keeps the beginning; sliding cuts "
+        "the whole text into overlapping windows of --max-length tokens (special tokens included): every window "
+        "trains as an example with its text's label, and a text's prediction pools its windows' logits.",
+    )
+    stride: int | None = _f(
+        None,
+        "With --long-text sliding: tokens that consecutive windows share (the overlap, as in Hugging Face "
+        "tokenizers' stride; a window advances by its text tokens minus this). Default: a quarter of --max-length.",
+    )
+    window_pool: str = _f(
+        "mean",
+        "With --long-text sliding: how a text's window logits become its logits: mean (every part of the text "
+        "counts) or max (per class, its strongest window).",
+    )
+    max_windows: int = _f(
+        0,
+        "With --long-text sliding: at most this many windows per text, spread evenly from the first to the last "
+        "(the same in training and prediction); 0: every window.",
     )
     # --- parameter-efficient method
     method: str = _f(
@@ -144,8 +162,16 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
+    def resolved_stride(self) -> int:
+        return resolve_stride(self.max_length, self.stride)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_stride(max_length: int, stride: int | None) -> int:
+    """The overlap of consecutive sliding windows: as given, else a quarter of the window."""
+    return stride if stride is not None else max_length // 4
 
 
 def field_help(cls: type = TrainConfig) -> dict[str, str]:
@@ -163,6 +189,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
+    _check_choice("window_pool", cfg.window_pool, WINDOW_POOLS)
     _check_choice("metric", cfg.metric, METRICS)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
     if cfg.top_layers:
@@ -194,6 +221,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and value < 2:
             raise AdaptextError(f"--{name.replace('_', '-')} must be at least 2 (got {value})")
+    _check_windows(cfg)
     if cfg.lr is not None and not 0 < cfg.lr < 1:
         raise AdaptextError(f"--lr must be between 0 and 1 (got {cfg.lr})")
     if not 0 < cfg.validation_fraction < 1:
@@ -205,6 +233,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 <= cfg.lora_dropout < 1:
         raise AdaptextError("--lora-dropout must be in [0, 1)")
     return cfg
+
+
+def _check_windows(cfg: TrainConfig) -> None:
+    if cfg.long_text != "sliding":
+        given = [f"--{n.replace('_', '-')}" for n, default in WINDOW_DEFAULTS.items() if getattr(cfg, n) != default]
+        if given:
+            raise AdaptextError(f"{', '.join(given)} applies to --long-text sliding only (now {cfg.long_text!r})")
+        return
+    if cfg.stride is not None and not 0 <= cfg.stride < cfg.max_length:
+        raise AdaptextError(
+            f"--stride {cfg.stride}: the overlap of consecutive windows must be at least 0 and less than "
+            f"--max-length {cfg.max_length} (default: a quarter of it, {cfg.max_length // 4})"
+        )
+    if cfg.max_windows is None or cfg.max_windows < 0:
+        raise AdaptextError(f"--max-windows must be >= 0 (got {cfg.max_windows}); 0 keeps every window")
+
+
+# The sliding-window options, at the values that mean "no windows" (also what models saved before them read as).
+WINDOW_DEFAULTS: dict[str, Any] = {"stride": None, "window_pool": "mean", "max_windows": 0}
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:

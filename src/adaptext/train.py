@@ -289,11 +289,14 @@ def train_loop(
     log_path: Path | None = None,
     progress: bool = True,
     features: FeatureCache | None = None,
+    val_pool: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
     With ``features`` (see adaptext.cache), the frozen lower layers run once over train and
     validation at the start (counted in the training time) and every step runs only the layers above.
+    With ``val_pool`` (sliding windows, see adaptext.windows), ``val_ids`` are windows and ``val_labels``
+    belong to texts: validation logits are pooled per text before they are scored.
     """
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
@@ -385,6 +388,8 @@ def train_loop(
                         val_logits = predict_logits(
                             model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, feed_val
                         )
+                        if val_pool is not None:
+                            val_logits = val_pool(val_logits)
                         metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                         result.history.append(record)
