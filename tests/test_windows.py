@@ -289,3 +289,15 @@ def test_bad_window_options_exit_2_with_one_line(tiny_models, long_dir, tmp_path
     result = run_cli("train", *common, "--long-text", "sliding", "--max-length", str(MAX_LENGTH), *args)
     assert_clean_failure(result, message)
     assert not output.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_compare_runs_saved_before_the_window_options_still_count_as_finished(tmp_path):
+    from adaptext import compare
+
+    cfg = config.TrainConfig(output=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in config.WINDOW_DEFAULTS}
+    (tmp_path / "run" / "adaptext.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert compare.finished(cfg)
+    assert not compare.finished(config.TrainConfig(output=str(tmp_path / "run"), long_text="sliding"))

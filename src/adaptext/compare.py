@@ -89,6 +89,7 @@ def finished(cfg: config.TrainConfig) -> bool:
         saved = json.loads(meta_path.read_text(encoding="utf-8"))["config"]
     except (OSError, ValueError, KeyError):
         return False
+    saved = {**config.WINDOW_DEFAULTS, **saved}  # runs saved before the window options ran without windows
     return _comparable(saved) == _comparable(cfg.to_dict())
 
 
