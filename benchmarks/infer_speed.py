@@ -109,11 +109,10 @@ def measure(model_dir: Path, data_dir: Path, limit: int | None) -> dict:
     peak = matmul_peak(torch.float32, "cpu")
     from adaptext import models
     from adaptext.artifacts import load_model
-    from adaptext.train import tokenize
 
     loaded = load_model(model_dir, torch.device("cpu"))
     shape = Shape.of(loaded.model.config)
-    lens = [len(x) for x in tokenize(loaded.tokenizer, texts, loaded.max_length, loaded.long_text)]
+    lens = [len(x) for x in loaded.windowing.encode(loaded.tokenizer, texts).ids]  # every window's tokens
     flops = forward_flops(shape, lens)
     del loaded, models
 

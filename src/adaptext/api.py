@@ -30,9 +30,9 @@ from adaptext.train import (
     resolve_precision,
     seed_everything,
     sharded_logits,
-    tokenize,
     train_loop,
 )
+from adaptext.windows import Windowing
 
 LIBRARIES = ("adaptext", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "scikit-learn")
 
@@ -114,10 +114,14 @@ def _train(
     _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
 
     tokenizer = models.load_tokenizer(source)
+    # Tokenised first: with sliding windows the number of training rows (and so of steps) depends on it.
+    windowing = Windowing.from_config(cfg.to_dict())
+    encoded = {name: windowing.encode(tokenizer, split.texts) for name, split in dataset.splits.items()}
+    train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
     id2label = dict(enumerate(dataset.class_names))
     model, head_modules = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id)
     fingerprint = artifacts.base_fingerprint(model)
-    model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(dataset.splits["train"]), cfg)[2])
+    model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
@@ -137,15 +141,18 @@ def _train(
         f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
     )
 
-    encoded = {
-        name: tokenize(tokenizer, split.texts, cfg.max_length, cfg.long_text) for name, split in dataset.splits.items()
-    }
     device = group.device() if group.active else pick_device()
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
+    examples = f"{len(train_labels):,} examples"
+    if windowing.sliding:
+        examples = (
+            f"{len(train_labels):,} windows of {encoded['train'].num_texts:,} texts ({cfg.max_length} tokens, "
+            f"overlap {windowing.stride}, {windowing.window_pool}-pooled per text for evaluation)"
+        )
     processes = f" in {group.world} processes" if group.active else ""
     echo(
-        f"train: {len(encoded['train']):,} examples x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"train: {examples} x {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"lr {cfg.resolved_lr():g}, {precision} on {device.type}{processes}"
     )
 
@@ -156,9 +163,9 @@ def _train(
     with stage as staging:
         result = train_loop(
             model,
-            encoded["train"],
-            dataset.splits["train"].labels,
-            encoded["validation"],
+            encoded["train"].ids,
+            train_labels,
+            encoded["validation"].ids,
             dataset.splits["validation"].labels,
             dataset.class_names,
             tokenizer.pad_token_id,
@@ -166,20 +173,24 @@ def _train(
             staging / "train_log.jsonl" if group.primary else None,
             progress,
             features,
-            checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps)
+            checkpointer=checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps)
             if group.primary and cfg.method != "adalora"
             else None,
-            resume_state,
-            group,
+            resume=resume_state,
+            group=group,
+            val_pool=(lambda logits: windowing.pool_logits(logits, encoded["validation"]))
+            if windowing.sliding
+            else None,
         )
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
         for split in ("validation", "test"):
             if split in encoded:
-                logits = sharded_logits(
-                    model, encoded[split], tokenizer.pad_token_id, eval_batch, precision, device, group
+                rows = encoded[split]
+                logits = sharded_logits(model, rows.ids, tokenizer.pad_token_id, eval_batch, precision, device, group)
+                metrics[split] = classification_metrics(
+                    dataset.splits[split].labels, windowing.pool_logits(logits, rows), dataset.class_names
                 )
-                metrics[split] = classification_metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -189,6 +200,7 @@ def _train(
             "tokens_per_second": round(result.tokens_per_second, 1),
             "padding_fraction": round(result.padding_fraction, 4),
             "steps": result.steps,
+            "rows": len(train_labels),  # training examples: texts, or their windows with --long-text sliding
             "stopped_early": result.stopped_early,
             "resumed_from_step": result.resumed_from_step,
             "precision": precision,

@@ -28,6 +28,7 @@ from torch import nn
 
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer, resolve_model
+from adaptext.windows import Windowing
 
 FORMAT_VERSION = 1
 META_FILE = "adaptext.json"
@@ -130,6 +131,11 @@ class LoadedModel:
     @property
     def long_text(self) -> str:
         return str(self.meta["config"].get("long_text", "truncate"))  # models saved before the option
+
+    @property
+    def windowing(self) -> Windowing:
+        """How texts become rows and rows pool back, as at training time."""
+        return Windowing.from_config(self.meta["config"])
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

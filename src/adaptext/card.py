@@ -26,6 +26,19 @@ def dataset_name(spec: str | None) -> str:
     return spec
 
 
+def _long_text(cfg: dict[str, Any]) -> str:
+    from adaptext.windows import Windowing
+
+    windowing = Windowing.from_config(cfg)
+    if not windowing.sliding:
+        return f" ({windowing.long_text})"
+    cap = f", at most {windowing.max_windows} per text" if windowing.max_windows else ""
+    return (
+        f" (sliding windows overlapping by {windowing.stride} tokens{cap}; each window trained with its text's "
+        f"label, window logits {windowing.window_pool}-pooled per text at prediction)"
+    )
+
+
 def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
     cfg = meta["config"]
     base = meta["base_model"]
@@ -110,7 +123,7 @@ Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = 
 
 method {meta["method"]}, target modules {", ".join(meta.get("target_modules") or []) or "-"},
 r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, lr={meta["lr"]}, epochs={cfg["epochs"]},
-batch size {cfg["batch_size"]}, max length {cfg["max_length"]}, scheduler {cfg["scheduler"]}, loss {loss}, seed {cfg["seed"]}.
+batch size {cfg["batch_size"]}, max length {cfg["max_length"]}{_long_text(cfg)}, scheduler {cfg["scheduler"]}, loss {loss}, seed {cfg["seed"]}.
 Newly initialised modules trained and saved with the adapter: {", ".join(meta["head_modules"]) or "-"}.
 The full resolved configuration is in `run_config.yaml`; re-run it with
 `adaptext train --config {folder_name}/run_config.yaml --output NEW_DIR`.

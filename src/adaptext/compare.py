@@ -89,8 +89,11 @@ def finished(cfg: config.TrainConfig) -> bool:
         saved = json.loads(meta_path.read_text(encoding="utf-8"))["config"]
     except (OSError, ValueError, KeyError):
         return False
-    # An option added since that run was made did not exist then: the run had its default.
-    return _comparable({**config.TrainConfig().to_dict(), **saved}) == _comparable(cfg.to_dict())
+    # An option added since that run was made did not exist then: the run had its default
+    # (runs saved before the window options ran without windows).
+    return _comparable({**config.TrainConfig().to_dict(), **config.WINDOW_DEFAULTS, **saved}) == _comparable(
+        cfg.to_dict()
+    )
 
 
 def check_output(output: Path) -> None:

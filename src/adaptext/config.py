@@ -25,7 +25,8 @@ METHODS = (
 )  # fmt: skip
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
-LONG_TEXT = ("head+tail", "truncate")
+LONG_TEXT = ("head+tail", "truncate", "sliding")
+WINDOW_POOLS = ("mean", "max")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss")
 LOSSES = ("cross-entropy", "focal")
 MAX_FOCAL_GAMMA = 10.0
@@ -87,7 +88,24 @@ class TrainConfig:
     long_text: str = _f(
         "head+tail",
         "Texts longer than --max-length: head+tail keeps the first quarter and the last three quarters "
-        "of the tokens (the end of a review carries its verdict); truncate keeps the beginning.",
+        "of the tokens (the end of a review carries its verdict); truncate keeps the beginning; sliding cuts "
+        "the whole text into overlapping windows of --max-length tokens (special tokens included): every window "
+        "trains as an example with its text's label, and a text's prediction pools its windows' logits.",
+    )
+    stride: int | None = _f(
+        None,
+        "With --long-text sliding: tokens that consecutive windows share (the overlap, as in Hugging Face "
+        "tokenizers' stride; a window advances by its text tokens minus this). Default: a quarter of --max-length.",
+    )
+    window_pool: str = _f(
+        "mean",
+        "With --long-text sliding: how a text's window logits become its logits: mean (every part of the text "
+        "counts) or max (per class, its strongest window).",
+    )
+    max_windows: int = _f(
+        0,
+        "With --long-text sliding: at most this many windows per text, spread evenly from the first to the last "
+        "(the same in training and prediction); 0: every window.",
     )
     # --- parameter-efficient method
     method: str = _f(
@@ -165,8 +183,16 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
+    def resolved_stride(self) -> int:
+        return resolve_stride(self.max_length, self.stride)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_stride(max_length: int, stride: int | None) -> int:
+    """The overlap of consecutive sliding windows: as given, else a quarter of the window."""
+    return stride if stride is not None else max_length // 4
 
 
 def field_help(cls: type = TrainConfig) -> dict[str, str]:
@@ -222,6 +248,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
+    _check_choice("window_pool", cfg.window_pool, WINDOW_POOLS)
     _check_choice("metric", cfg.metric, METRICS)
     _check_choice("loss", cfg.loss, LOSSES)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
@@ -258,6 +285,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and not 0 <= value < 2**32:
             raise AdaptextError(f"--{name.replace('_', '-')} must be between 0 and {2**32 - 1} (got {value})")
+    _check_windows(cfg)
     if cfg.lr is not None and not 0 < cfg.lr < 1:
         raise AdaptextError(f"--lr must be between 0 and 1 (got {cfg.lr})")
     if not 0 < cfg.validation_fraction < 1:
@@ -281,6 +309,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"--focal-gamma must be between 0 and {MAX_FOCAL_GAMMA:g} (got {cfg.focal_gamma}); 2 is the usual choice"
         )
     return cfg
+
+
+def _check_windows(cfg: TrainConfig) -> None:
+    if cfg.long_text != "sliding":
+        given = [f"--{n.replace('_', '-')}" for n, default in WINDOW_DEFAULTS.items() if getattr(cfg, n) != default]
+        if given:
+            raise AdaptextError(f"{', '.join(given)} applies to --long-text sliding only (now {cfg.long_text!r})")
+        return
+    if cfg.stride is not None and not 0 <= cfg.stride < cfg.max_length:
+        raise AdaptextError(
+            f"--stride {cfg.stride}: the overlap of consecutive windows must be at least 0 and less than "
+            f"--max-length {cfg.max_length} (default: a quarter of it, {cfg.max_length // 4})"
+        )
+    if cfg.max_windows is None or cfg.max_windows < 0:
+        raise AdaptextError(f"--max-windows must be >= 0 (got {cfg.max_windows}); 0 keeps every window")
+
+
+# The sliding-window options, at the values that mean "no windows" (also what models saved before them read as).
+WINDOW_DEFAULTS: dict[str, Any] = {"stride": None, "window_pool": "mean", "max_windows": 0}
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -32,7 +32,8 @@ from adaptext.errors import AdaptextError
 from adaptext.metrics import softmax
 from adaptext.models import ModelSource, load_tokenizer
 from adaptext.predict import check_texts, rank
-from adaptext.train import collate, predict_logits, sorted_batches, tokenize
+from adaptext.train import collate, predict_logits, sorted_batches
+from adaptext.windows import Windowing
 
 FORMATS = ("onnx",)
 QUANTIZE = ("int8",)
@@ -109,13 +110,15 @@ class OnnxClassifier:
         self.batch_size = batch_size
         self.max_length = int(meta["config"]["max_length"])
         self.long_text = str(meta["config"].get("long_text", "truncate"))
+        self.windowing = Windowing.from_config(meta["config"])
 
     def logits(self, texts: list[str]) -> np.ndarray:
         texts = check_texts(texts)
         if not texts:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        encoded = tokenize(self.tokenizer, texts, self.max_length, self.long_text)
-        return ort_logits(self.session, encoded, self.tokenizer.pad_token_id, self.batch_size, len(self.class_names))
+        rows = self.windowing.encode(self.tokenizer, texts)
+        logits = ort_logits(self.session, rows.ids, self.tokenizer.pad_token_id, self.batch_size, len(self.class_names))
+        return self.windowing.pool_logits(logits, rows)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return softmax(self.logits(texts))
@@ -182,7 +185,7 @@ def export_onnx(
 
     loaded = artifacts.load_model(folder, torch.device("cpu"), merge=True)
     pad_id = loaded.tokenizer.pad_token_id
-    probes = tokenize(loaded.tokenizer, PROBE_TEXTS, loaded.max_length, loaded.long_text)
+    probes = loaded.windowing.encode(loaded.tokenizer, PROBE_TEXTS).ids  # the rows the model sees (windows too)
     num_labels = len(loaded.class_names)
     reference = {
         size: predict_logits(loaded.model, probes, pad_id, size, "fp32", torch.device("cpu")) for size in (1, 4)
@@ -225,7 +228,7 @@ def export_onnx(
                 "dynamic_axes": ["batch", "sequence"],
                 "probe_texts": len(PROBE_TEXTS),
                 "tolerance": PARITY_TOLERANCE,
-                "tokenizer": {"max_length": loaded.max_length, "long_text": loaded.long_text, "pad_token_id": pad_id},
+                "tokenizer": {**loaded.windowing.describe(), "pad_token_id": pad_id},
                 "class_names": loaded.class_names,
                 "source": {
                     "model_dir": str(folder.resolve()),

@@ -12,7 +12,7 @@ import torch
 from adaptext.artifacts import LoadedModel, load_model
 from adaptext.errors import AdaptextError
 from adaptext.metrics import softmax
-from adaptext.train import pick_device, predict_logits, resolve_precision, tokenize
+from adaptext.train import pick_device, predict_logits, resolve_precision
 
 if TYPE_CHECKING:
     from adaptext.export import OnnxClassifier
@@ -40,9 +40,11 @@ class Classifier:
         texts = check_texts(texts)
         if not texts:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        encoded = tokenize(self.loaded.tokenizer, texts, self.loaded.max_length, self.loaded.long_text)
+        windowing = self.loaded.windowing
+        rows = windowing.encode(self.loaded.tokenizer, texts)
         pad_id = self.loaded.tokenizer.pad_token_id
-        return predict_logits(self.loaded.model, encoded, pad_id, self.batch_size, self.precision, self.device)
+        logits = predict_logits(self.loaded.model, rows.ids, pad_id, self.batch_size, self.precision, self.device)
+        return windowing.pool_logits(logits, rows)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return softmax(self.logits(texts))

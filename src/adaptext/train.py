@@ -340,6 +340,7 @@ def train_loop(
     log_path: Path | None = None,
     progress: bool = True,
     features: FeatureCache | None = None,
+    val_pool: Callable[[np.ndarray], np.ndarray] | None = None,
     checkpointer: checkpoint.Checkpointer | None = None,
     resume: dict[str, Any] | None = None,
     group: distributed.Group | None = None,
@@ -351,6 +352,8 @@ def train_loop(
     With ``checkpointer``, the run's state is saved at epoch ends and every few steps; ``resume`` (a
     loaded checkpoint) continues such a run exactly where it stopped. With ``group`` (see
     adaptext.distributed), each process trains on its rows of every global batch.
+    With ``val_pool`` (sliding windows, see adaptext.windows), ``val_ids`` are windows and ``val_labels``
+    belong to texts: validation logits are pooled per text before they are scored.
     """
     group = group or distributed.Group()
     device = next(model.parameters()).device
@@ -480,6 +483,8 @@ def train_loop(
                         val_logits = sharded_logits(
                             model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, group, feed_val
                         )
+                        if val_pool is not None:
+                            val_logits = val_pool(val_logits)
                         metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                         result.history.append(record)

@@ -33,8 +33,8 @@ from adaptext.train import (
     pick_device,
     predict_logits,
     resolve_precision,
-    tokenize,
 )
+from adaptext.windows import TextRows, Windowing
 
 SHAREABLE = ("lora", "rslora", "head")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -108,8 +108,13 @@ class Adapter:
     def long_text(self) -> str:
         return str(self.meta["config"].get("long_text", "truncate"))
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return tokenize(self.tokenizer, texts, self.max_length, self.long_text)
+    @property
+    def windowing(self) -> Windowing:
+        return Windowing.from_config(self.meta["config"])
+
+    def encode(self, texts: list[str]) -> TextRows:
+        """The model rows of ``texts`` as at training time: one per text, or one per sliding window."""
+        return self.windowing.encode(self.tokenizer, texts)
 
     def describe(self) -> dict[str, Any]:
         base = self.meta["base_model"]
@@ -120,6 +125,7 @@ class Adapter:
             "method": self.meta["method"],
             "labels": self.class_names,
             "max_length": self.max_length,
+            "long_text": self.long_text,
             "shared_base": isinstance(self.runner, SharedBase),
             "metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))},
         }
@@ -371,32 +377,38 @@ class Registry:
     def probabilities(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray | AdaptextError]:
         """Class probabilities for each (adapter, texts) request; rows of one base run in shared batches.
 
-        A request naming an adapter unloaded meanwhile gets its error in place of a result.
+        A text cut into sliding windows is several rows (of the shared batches, too); its rows' logits are
+        pooled back into one before softmax, as ``adaptext predict`` does. A request naming an adapter
+        unloaded meanwhile gets its error in place of a result.
         """
         results: list[np.ndarray | AdaptextError] = [np.zeros(0)] * len(requests)
-        shared: dict[int, list[tuple[int, int, str, list[int]]]] = {}
+        encoded: dict[int, tuple[Adapter, TextRows]] = {}
+        shared: dict[int, list[tuple[int, str, list[int]]]] = {}
         for r, (name, texts) in enumerate(requests):
             try:
                 adapter = self.get(name)
             except AdaptextError as exc:
                 results[r] = exc
                 continue
-            ids = adapter.encode(texts)
+            rows = adapter.encode(texts)
             results[r] = np.zeros((0, len(adapter.class_names)), dtype=np.float32)
-            if not ids:
+            if not rows.ids:
                 continue
+            encoded[r] = (adapter, rows)
             if isinstance(adapter.runner, SharedBase):
-                shared.setdefault(id(adapter.runner), []).extend((r, j, name, x) for j, x in enumerate(ids))
+                shared.setdefault(id(adapter.runner), []).extend((r, name, ids) for ids in rows.ids)
             else:
-                results[r] = softmax(adapter.runner.logits(ids, self.batch_size))
+                logits = adapter.runner.logits(rows.ids, self.batch_size)
+                results[r] = softmax(adapter.windowing.pool_logits(logits, rows))
         runners = {id(a.runner): a.runner for a in self.adapters.values()}
-        for key, rows in shared.items():
-            logits = runners[key].logits([(name, ids) for _, _, name, ids in rows], self.batch_size)
+        for key, shared_rows in shared.items():
+            logits = runners[key].logits([(name, ids) for _, name, ids in shared_rows], self.batch_size)
             per_request: dict[int, list[np.ndarray]] = {}
-            for (r, _, _, _), row in zip(rows, logits):
-                per_request.setdefault(r, []).append(row)
+            for (r, _, _), row in zip(shared_rows, logits):
+                per_request.setdefault(r, []).append(row)  # in each request's row order
             for r, row_list in per_request.items():
-                results[r] = softmax(np.stack(row_list))
+                adapter, rows = encoded[r]
+                results[r] = softmax(adapter.windowing.pool_logits(np.stack(row_list), rows))
         return results
 
     def describe(self) -> list[dict[str, Any]]:

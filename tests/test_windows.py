@@ -1,0 +1,303 @@
+"""--long-text sliding: how windows are cut, how their logits pool, and that every scoring path agrees
+(training-time metrics, evaluate, predict, the CLI, ONNX, serve) on tiny encoders and decoders."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import adaptext
+from adaptext import api, config, models
+from adaptext.errors import AdaptextError
+from adaptext.export import export_onnx
+from adaptext.serve.registry import Registry
+from adaptext.train import special_token_split, tokenize
+from adaptext.windows import TextRows, Windowing, pool_windows, split_windows
+from conftest import TOPICS, run_cli
+from test_cli import assert_clean_failure
+
+MAX_LENGTH, STRIDE = 16, 4
+LONG_TEXT = " ".join(["goal match team coach"] * 30 + ["market price bank"] * 20)  # ~200 tokens: many windows
+TEXTS = [LONG_TEXT, "planet rocket", "", "profit " * 40 + "comet orbit"]
+
+
+def long_rows(n_per_class: int, seed: int) -> list[dict[str, str]]:
+    """Texts of 10-50 topic words (and fillers): most run over one 16-token window."""
+    rng = random.Random(seed)
+    rows = [
+        {"text": " ".join(rng.choice([*words, "the", "and", "of"]) for _ in range(rng.randint(10, 50))), "label": label}
+        for label, words in TOPICS.items()
+        for _ in range(n_per_class)
+    ]
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("long-topics")
+    pd.DataFrame(long_rows(15, seed=1)).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(long_rows(5, seed=2)).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+def train_tiny(model_dir, data_dir, output, **kw):
+    settings = dict(data=str(data_dir), model=str(model_dir), output=str(output), epochs=2, batch_size=8,
+                    max_length=MAX_LENGTH, lr=2e-2, seed=3, long_text="sliding", stride=STRIDE)  # fmt: skip
+    settings.update(kw)
+    return api.train(progress=False, echo=lambda line: None, **settings)
+
+
+# Three architectures: an encoder with [CLS] ... [SEP] (on top-layer LoRA, so over the feature cache),
+# GPT-2 (no special tokens, last-token pooling, EOS as right padding), Llama (<s> only), mean and max pooling.
+SETTINGS = {
+    "bert": dict(top_layers=1),
+    "gpt2": dict(window_pool="max"),
+    "llama": dict(max_windows=3),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, long_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sliding")
+    out = {arch: train_tiny(tiny_models[arch], long_dir, root / arch, **kw) for arch, kw in SETTINGS.items()}
+    out["bert-truncate"] = train_tiny(tiny_models["bert"], long_dir, root / "bert-truncate", long_text="truncate",
+                                      stride=None)  # fmt: skip
+    out["bert-ia3"] = train_tiny(tiny_models["bert"], long_dir, root / "bert-ia3", method="ia3", window_pool="max")
+    return out
+
+
+def tokenizer_of(model_dir):
+    return models.load_tokenizer(models.resolve_model(str(model_dir)))
+
+
+# ---------------------------------------------------------------- cutting and pooling
+
+
+@pytest.mark.parametrize("before,after", [(1, 1), (0, 0), (1, 0)])
+@pytest.mark.parametrize("length,budget,stride", [(37, 10, 3), (100, 14, 0), (15, 14, 7), (200, 30, 29)])
+def test_windows_cover_every_token_with_the_stride_and_the_special_tokens(before, after, length, budget, stride):
+    body = list(range(1000, 1000 + length))  # distinct ids: where a window starts is where its first id sits
+    seq = [1] * before + body + [2] * after
+    windows = split_windows(seq, before, after, budget, stride)
+    starts = []
+    for window in windows:
+        assert len(window) == before + budget + after
+        assert window[:before] == [1] * before and window[len(window) - after :] == [2] * after
+        inner = window[before : len(window) - after]
+        starts.append(inner[0] - 1000)
+        assert inner == body[starts[-1] : starts[-1] + budget]
+    assert starts[0] == 0 and starts[-1] == length - budget  # first and last tokens covered
+    steps = np.diff(starts).tolist()
+    assert all(step == budget - stride for step in steps[:-1])  # consecutive windows share exactly `stride`
+    assert 0 < steps[-1] <= budget - stride  # the last one is flush with the end, sharing at least `stride`
+    assert set().union(*(range(s, s + budget) for s in starts)) == set(range(length))
+
+
+def test_a_text_that_fits_is_one_window_equal_to_itself():
+    seq = [1, 5, 6, 7, 2]
+    assert split_windows(seq, 1, 1, 3, 1) == [seq]
+    assert split_windows(seq, 1, 1, 10, 9) == [seq]
+
+
+def test_max_windows_spreads_them_from_first_to_last():
+    seq = list(range(1000, 1100))
+    every = split_windows(seq, 0, 0, 10, 0)
+    assert len(every) == 10
+    assert split_windows(seq, 0, 0, 10, 0, max_windows=3) == [every[0], every[4], every[9]]  # round(4.5) -> 4
+    assert split_windows(seq, 0, 0, 10, 0, max_windows=1) == [seq[:10]]  # the first: what truncation keeps
+    assert split_windows(seq, 0, 0, 10, 0, max_windows=50) == every
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2", "llama"])
+def test_real_tokenizers_put_their_special_tokens_in_every_window(tiny_models, arch):
+    tokenizer = tokenizer_of(tiny_models[arch])
+    before, after = special_token_split(tokenizer)
+    windowing = Windowing(MAX_LENGTH, "sliding", STRIDE)
+    rows = windowing.encode(tokenizer, TEXTS)
+    assert rows.num_texts == len(TEXTS) and rows.text_index == sorted(rows.text_index)
+    full = tokenizer(LONG_TEXT)["input_ids"]
+    long_rows_ = [ids for ids, i in zip(rows.ids, rows.text_index) if i == 0]
+    budget = MAX_LENGTH - before - after
+    assert len(long_rows_) == 1 + -(-(len(full) - before - after - budget) // (budget - STRIDE))
+    for window in long_rows_:
+        assert len(window) == MAX_LENGTH
+        assert window[:before] == full[:before] and window[MAX_LENGTH - after :] == full[len(full) - after :]
+    body = full[before : len(full) - after]
+    assert long_rows_[0][before : MAX_LENGTH - after] == body[:budget]
+    assert long_rows_[-1][before : MAX_LENGTH - after] == body[-budget:]
+    # Texts that fit: one window each, exactly the truncated encoding (the empty text included).
+    short = TEXTS[1:3]
+    assert windowing.encode(tokenizer, short).ids == tokenize(tokenizer, short, MAX_LENGTH, "truncate")
+    # One window at most: sliding is truncation.
+    capped = Windowing(MAX_LENGTH, "sliding", STRIDE, max_windows=1).encode(tokenizer, TEXTS)
+    assert capped.ids == tokenize(tokenizer, TEXTS, MAX_LENGTH, "truncate")
+
+
+def test_pooling_is_the_mean_or_max_of_each_texts_windows():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(9, 3)).astype(np.float32)
+    index = [0, 0, 0, 1, 2, 2, 3, 3, 3]
+    for how, reduce in (("mean", np.mean), ("max", np.max)):
+        pooled = pool_windows(logits, index, 4, how)
+        expected = np.stack([reduce(logits[np.array(index) == t], axis=0) for t in range(4)])
+        np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+    rows = TextRows([[1]] * 3, [0, 1, 2], 3)  # without windows, rows are texts: nothing to pool
+    np.testing.assert_array_equal(Windowing(MAX_LENGTH, "head+tail").pool_logits(logits[:3], rows), logits[:3])
+
+
+def test_models_saved_before_the_options_read_as_before():
+    assert Windowing.from_config({"max_length": 64}) == Windowing(64, "truncate", 16, "mean", 0)
+    assert not Windowing.from_config({"max_length": 64, "long_text": "head+tail"}).sliding
+    cfg = config.TrainConfig(max_length=128, long_text="sliding")
+    assert Windowing.from_config(cfg.to_dict()).stride == 32  # default: a quarter of the window
+
+
+# ---------------------------------------------------------------- trained models
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_reload_reproduces_training_time_test_metrics_per_text(trained, long_dir, arch):
+    outcome = trained[arch]
+    n_test = len(pd.read_csv(long_dir / "test.csv"))
+    assert outcome.metrics["test"]["n"] == n_test  # metrics on texts, not on windows
+    assert outcome.metrics["train"]["rows"] > len(pd.read_csv(long_dir / "train.csv"))  # every window trains
+    saved = json.loads((outcome.output / "adaptext.json").read_text())["config"]
+    assert saved["long_text"] == "sliding" and saved["stride"] == STRIDE
+    again = adaptext.evaluate(outcome.output, str(long_dir), split="test")
+    assert again["accuracy"] == outcome.metrics["test"]["accuracy"]
+    assert again["loss"] == pytest.approx(outcome.metrics["test"]["loss"], abs=1e-4)
+    assert again["confusion_matrix"] == outcome.metrics["test"]["confusion_matrix"]
+    if arch == "bert":  # LoRA on the top layer only: the layer below ran once over the windows, cached
+        assert outcome.metrics["train"]["cached_layers"] == 1
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_text_logits_are_its_windows_logits_pooled_by_hand(trained, arch):
+    clf = adaptext.load(trained[arch].output, precision="fp32")
+    windowing = clf.loaded.windowing
+    assert windowing.sliding and windowing.window_pool == SETTINGS[arch].get("window_pool", "mean")
+    rows = windowing.encode(clf.loaded.tokenizer, TEXTS)
+    with torch.no_grad():  # every window alone: no padding, no batching
+        by_window = np.stack([clf.loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy() for ids in rows.ids])
+    index = np.array(rows.text_index)
+    reduce = np.max if windowing.window_pool == "max" else np.mean
+    expected = np.stack([reduce(by_window[index == t], axis=0) for t in range(len(TEXTS))])
+    windows_of_long_text = int((index == 0).sum())
+    assert windows_of_long_text == 3 if arch == "llama" else windows_of_long_text > 10  # llama: --max-windows 3
+    np.testing.assert_allclose(clf.logits(TEXTS), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_predict_onnx_and_serve_agree_on_long_texts(trained, long_dir, arch):
+    folder = trained[arch].output
+    export_onnx(folder)
+    torch_clf = adaptext.load(folder, precision="fp32")
+    onnx_clf = adaptext.load(folder, backend="onnx")
+    expected = torch_clf.predict_proba(TEXTS)
+    np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), expected, atol=1e-5)
+    on_onnx = adaptext.evaluate(folder, str(long_dir), split="test", backend="onnx")
+    assert on_onnx["confusion_matrix"] == trained[arch].metrics["test"]["confusion_matrix"]
+    registry = Registry([folder.parent])
+    registry.load(folder.name)
+    np.testing.assert_allclose(registry.probabilities([(folder.name, TEXTS)])[0], expected, atol=2e-5)
+
+
+def test_cli_evaluate_and_predict_use_the_saved_windows(trained, long_dir):
+    folder = trained["gpt2"].output
+    evaluated = run_cli("evaluate", "--model", str(folder), "--data", str(long_dir), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["confusion_matrix"] == trained["gpt2"].metrics["test"]["confusion_matrix"]
+    predicted = run_cli("predict", "--model", str(folder), "--json", LONG_TEXT, "planet rocket")
+    assert predicted.returncode == 0, predicted.stderr
+    expected = adaptext.load(folder).predict([LONG_TEXT, "planet rocket"])
+    for line, exp in zip(predicted.stdout.splitlines(), expected):
+        assert json.loads(line)["label"] == exp["label"]
+        assert json.loads(line)["score"] == pytest.approx(exp["score"], abs=1e-5)
+
+
+def test_serve_pools_window_rows_of_many_adapters_sharing_batches(trained):
+    root = trained["bert"].output.parent
+    names = ["bert", "bert-truncate", "bert-ia3", "gpt2", "llama"]
+    registry = Registry([root])
+    for name in names:
+        registry.load(name)
+    bert_base = registry.get("bert").runner
+    assert registry.get("bert-truncate").runner is bert_base  # sliding and truncating adapters share one base
+    rng = random.Random(0)
+    requests = [(rng.choice(names), rng.sample(TEXTS, rng.randint(1, 4))) for _ in range(20)]
+    refs = {name: dict(zip(TEXTS, adaptext.load(root / name).predict_proba(TEXTS))) for name in names}
+    for (name, texts), probs in zip(requests, registry.probabilities(requests)):
+        assert probs.shape == (len(texts), 3)
+        np.testing.assert_allclose(probs, np.stack([refs[name][t] for t in texts]), atol=2e-5, err_msg=name)
+    assert registry.get("bert").describe()["long_text"] == "sliding"
+
+
+def test_old_model_directories_without_window_keys_load_as_before(trained, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(trained["bert-truncate"].output, folder)
+    meta = json.loads((folder / "adaptext.json").read_text())
+    for key in ("stride", "window_pool", "max_windows"):
+        del meta["config"][key]
+    (folder / "adaptext.json").write_text(json.dumps(meta))
+    expected = adaptext.load(trained["bert-truncate"].output).logits(TEXTS)
+    np.testing.assert_allclose(adaptext.load(folder).logits(TEXTS), expected, atol=1e-6)
+    registry = Registry([tmp_path])
+    registry.load("old")
+    assert registry.probabilities([("old", TEXTS)])[0].shape == (len(TEXTS), 3)
+
+
+# ---------------------------------------------------------------- bad options
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(stride=-1), "--stride -1: the overlap of consecutive windows must be at least 0"),
+        (dict(stride=16), "less than --max-length 16"),
+        (dict(window_pool="median"), "--window-pool 'median' is not one of mean, max"),
+        (dict(max_windows=-2), "--max-windows must be >= 0"),
+        (dict(long_text="head+tail"), "--stride applies to --long-text sliding only"),
+        (dict(long_text="truncate", stride=None, window_pool="max"), "--window-pool applies to --long-text sliding"),
+    ],
+)
+def test_bad_window_options_are_refused_at_the_edge(options, message):
+    values = dict(max_length=MAX_LENGTH, long_text="sliding", stride=STRIDE)
+    values.update(options)
+    with pytest.raises(AdaptextError, match=re.escape(message)):
+        config.validate(config.TrainConfig(**values))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--stride", "-4"], "--stride -4: the overlap"),
+        (["--stride", "15"], "--stride 15 leaves no new tokens per window"),  # BERT: 14 text tokens per window
+        (["--max-length", "2", "--stride", "0"], "--max-length 2 leaves no room for text"),
+    ],
+)
+def test_bad_window_options_exit_2_with_one_line(tiny_models, long_dir, tmp_path, args, message):
+    output = tmp_path / "out"
+    common = ["--data", str(long_dir), "--model", str(tiny_models["bert"]), "--output", str(output), "--quiet"]
+    result = run_cli("train", *common, "--long-text", "sliding", "--max-length", str(MAX_LENGTH), *args)
+    assert_clean_failure(result, message)
+    assert not output.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_compare_runs_saved_before_the_window_options_still_count_as_finished(tmp_path):
+    from adaptext import compare
+
+    cfg = config.TrainConfig(output=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in config.WINDOW_DEFAULTS}
+    (tmp_path / "run" / "adaptext.json").write_text(json.dumps({"config": saved}))
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert compare.finished(cfg)
+    assert not compare.finished(config.TrainConfig(output=str(tmp_path / "run"), long_text="sliding"))
