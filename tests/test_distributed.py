@@ -37,11 +37,18 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_two_gloo_processes_train_like_one(no_dropout_bert, topic_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS)
-    single = run_cli(*common, "--output", str(one))
+@pytest.fixture(scope="module")
+def single_process(no_dropout_bert, topic_dir, tmp_path_factory):
+    one = tmp_path_factory.mktemp("single") / "one"
+    single = run_cli("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(one))
     assert single.returncode == 0, single.stderr
+    return one, single
+
+
+def test_two_gloo_processes_train_like_one(no_dropout_bert, topic_dir, tmp_path, single_process):
+    two = tmp_path / "two"
+    one, single = single_process
+    common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS)
     double = torchrun(*common, "--output", str(two))
     assert double.returncode == 0, double.stderr[-3000:]
     lines = double.stdout.splitlines()
@@ -66,7 +73,7 @@ def test_two_gloo_processes_train_like_one(no_dropout_bert, topic_dir, tmp_path)
     assert leftovers == []  # no staging directory left by rank 1
 
 
-def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_path):
+def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_path, single_process):
     out = tmp_path / "run"
     common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(out))
 
@@ -78,9 +85,7 @@ def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_
     assert killed.returncode != 0 and (out / "checkpoint" / "state.pt").is_file()
     resumed = torchrun(*common, "--checkpoint-steps", "5", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = tmp_path / "whole"
-    run = run_cli("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(whole))
-    assert run.returncode == 0, run.stderr
+    whole = single_process[0]
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (whole, out))
     assert m2["train"]["resumed_from_step"] == 5
     assert m1["test"]["accuracy"] == m2["test"]["accuracy"]
