@@ -1,0 +1,222 @@
+"""Feeding the model: devices and precision, tokenisation (once), batching, and inference over batches.
+
+Training (adaptext.train), evaluation, prediction, export and serving all tokenise, pad and batch
+through these functions, so a reloaded model sees exactly the tensors it saw at training time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptext import distributed
+
+# A token is at least one character after whitespace is collapsed, so cutting texts at this many
+# characters per allowed token never changes the tokenised result, but avoids tokenising megabytes.
+CHARS_PER_TOKEN_CAP = 32
+TOKENIZE_CHUNK = 1024
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 (elsewhere they crawl)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- tokenisation and batching
+
+
+def special_token_split(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a single text."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(probe) + 1):
+        if full[start : start + len(probe)] == probe:
+            return start, len(full) - start - len(probe)
+    return 0, 0
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, long_text: str = "truncate") -> list[list[int]]:
+    """Token ids per text, cut to ``max_length``, unpadded: padding happens per batch.
+
+    ``truncate`` keeps the beginning; ``head+tail`` keeps the first quarter and the last three
+    quarters of the budget (Sun et al. 2019: the end of a review carries its verdict).
+    """
+    cap = max_length * CHARS_PER_TOKEN_CAP
+    if long_text == "head+tail":
+        # Cutting out the middle characters keeps the first and last max_length tokens intact.
+        clipped = [t if len(t) <= 2 * cap else t[:cap] + " " + t[-cap:] for t in texts]
+    else:
+        clipped = [t if len(t) <= cap else t[:cap] for t in texts]
+    ids: list[list[int]] = []
+    for start in range(0, len(clipped), TOKENIZE_CHUNK):  # chunks: the full encodings are heavy
+        chunk = clipped[start : start + TOKENIZE_CHUNK]
+        if long_text == "head+tail":
+            ids += _head_tail(tokenizer, chunk, max_length)
+        else:
+            ids += tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
+    filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    return [seq if seq else [filler] for seq in ids]
+
+
+def _head_tail(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    before, after = special_token_split(tokenizer)
+    budget = max(max_length - before - after, 1)
+    head = budget // 4
+    out = []
+    for seq in tokenizer(texts, truncation=False, padding=False, verbose=False)["input_ids"]:
+        if len(seq) > max_length:
+            body = seq[before : len(seq) - after]
+            seq = seq[:before] + body[:head] + body[len(body) - (budget - head) :] + seq[len(seq) - after :]
+        out.append(seq)
+    return out
+
+
+def collate(ids: list[list[int]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pad to the longest in the batch, rounded up to a multiple of 8 (tensor-core/AMX friendly)."""
+    width = max(len(x) for x in ids)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length inside pools of ``pool`` batches: little padding, still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(
+    lengths: list[int], batch_size: int, slack: float | None = None, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Inference batches in length order (longest first, so memory peaks early).
+
+    With ``slack``, a batch also ends where its padded size would pass ``slack`` x its real tokens,
+    and with ``max_tokens`` where rows x width would pass that: on a CPU every padded token costs
+    compute, so a few snug batches beat one wide one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if slack is None and max_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = width = 0
+    for i in order:
+        n = lengths[i]
+        if current:
+            padded = (len(current) + 1) * width
+            if (
+                len(current) >= batch_size
+                or (slack is not None and padded > slack * (real + n))
+                or (max_tokens is not None and padded > max_tokens)
+            ):
+                batches.append(current)
+                current, real = [], 0
+        if not current:
+            width = max(n, 1)
+        current.append(i)
+        real += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def inference_batches(lengths: list[int], batch_size: int, device: torch.device) -> list[list[int]]:
+    """Length-sorted batches; on a CPU also cut to keep padding within 25% (measured: 32 mixed AG News and
+    SST-2 texts take 2.0 s as one padded batch, 0.55 s as snug ones, 1.1 s one by one)."""
+    if device.type == "cpu":
+        return sorted_batches(lengths, batch_size, slack=1.25, max_tokens=2048)
+    return sorted_batches(lengths, batch_size)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    feed: Callable[[list[int], int], None] | None = None,
+) -> np.ndarray:
+    """Logits in input order, computed over length-sorted batches (``feed`` hands cached features in)."""
+    was_training = model.training
+    model.eval()
+    num_labels = model.config.num_labels
+    logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    for batch in inference_batches([len(x) for x in encoded], batch_size, device):
+        inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad_id).items()}
+        if feed is not None:
+            feed(batch, inputs["input_ids"].shape[1])
+        with autocast(precision, device):
+            out = model(**inputs).logits
+        logits[batch] = out.float().cpu().numpy()
+    model.train(was_training)
+    return logits
+
+
+def sharded_logits(
+    model: nn.Module,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    group: distributed.Group,
+    feed: Callable[[list[int], int], None] | None = None,
+) -> np.ndarray:
+    """``predict_logits`` with the rows split over the processes of ``group`` and gathered back in order."""
+    if not group.active:
+        return predict_logits(model, encoded, pad_id, batch_size, precision, device, feed)
+    mine = group.share(list(range(len(encoded))))
+    local_feed = (lambda b, w: feed([mine[i] for i in b], w)) if feed is not None else None
+    local = predict_logits(model, [encoded[i] for i in mine], pad_id, batch_size, precision, device, local_feed)
+    return distributed.gather_rows(group, local, len(encoded))
