@@ -45,7 +45,9 @@ def test_run_py_smoke_writes_every_acceptance_figure(tmp_path):
     assert result["infer"]["speedup_vs_peft"] > 0 and "accuracy_delta_pt" in result["infer"]
     mfus = {**result["train"]["mfu"], **result["head"]["mfu"], **result["infer"]["mfu"]}
     assert {"notebook", "expert", "adaptext", "expert-head", "adaptext-head"} <= set(mfus)
-    assert all(0 < v < 1.5 for v in mfus.values()), mfus
+    # int8 paths have no fp32 MFU (their matmuls run against another peak): None, said in the table.
+    assert all(0 < v < 1.5 for k, v in mfus.items() if "int8" not in k), mfus
+    assert all(v is None for k, v in mfus.items() if "int8" in k), mfus
     runs = result["raw"]["train"]["cases"][0]["runs"]
     assert runs["notebook"]["padding_fraction"] > 0.5 > runs["adaptext"]["padding_fraction"]
     text = doc.read_text()
