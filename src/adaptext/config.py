@@ -183,9 +183,6 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
-    def resolved_stride(self) -> int:
-        return resolve_stride(self.max_length, self.stride)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
