@@ -75,19 +75,21 @@ def train(
     *,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> TrainOutcome:
     """Fine-tune, evaluate and save. Returns the output directory and its metrics.
 
     Under ``torchrun`` (or ``accelerate launch``) the processes train together (see adaptext.distributed);
-    only rank 0 prints and writes.
+    only rank 0 prints and writes. ``on_eval`` receives every validation record as it is made (see
+    adaptext.train.train_loop); an exception it raises stops the run and nothing is saved.
     """
     cfg = resolve_config(cfg, **overrides)
     group = distributed.setup()
     if not group.primary:
         echo, progress = (lambda line: None), False
     try:
-        outcome = _train(cfg, progress, echo, group)
+        outcome = _train(cfg, progress, echo, group, on_eval)
     except BaseException:
         distributed.teardown(group, clean=False)
         raise
@@ -96,7 +98,11 @@ def train(
 
 
 def _train(
-    cfg: config.TrainConfig, progress: bool, echo: Callable[[str], None], group: distributed.Group
+    cfg: config.TrainConfig,
+    progress: bool,
+    echo: Callable[[str], None],
+    group: distributed.Group,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainOutcome:
     if cfg.output is None:
         cfg.output = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -181,6 +187,7 @@ def _train(
             val_pool=(lambda logits: windowing.pool_logits(logits, encoded["validation"]))
             if windowing.sliding
             else None,
+            on_eval=on_eval,
         )
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)

@@ -156,6 +156,7 @@ def train_loop(
     checkpointer: checkpoint.Checkpointer | None = None,
     resume: dict[str, Any] | None = None,
     group: distributed.Group | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
@@ -166,6 +167,8 @@ def train_loop(
     adaptext.distributed), each process trains on its rows of every global batch.
     With ``val_pool`` (sliding windows, see adaptext.windows), ``val_ids`` are windows and ``val_labels``
     belong to texts: validation logits are pooled per text before they are scored.
+    ``on_eval`` is called with every validation record (epoch, step, metrics); an exception it raises
+    (say, a hyper-parameter search pruning the trial) ends training and propagates.
     """
     group = group or distributed.Group()
     device = next(model.parameters()).device
@@ -307,6 +310,8 @@ def train_loop(
                             f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
                         )
                         started += time.perf_counter() - eval_started  # throughput counts training only
+                        if on_eval is not None:
+                            on_eval(record)
                         if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
                             result.best = record
                             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
