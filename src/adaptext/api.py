@@ -15,15 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, distributed, models
+from adaptext import artifacts, checkpoint, config, data, distributed, models, tasks
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError, names
-from adaptext.metrics import classification_metrics, format_report, save_confusion_png
+from adaptext.metrics import format_report, save_confusion_png
 from adaptext.predict import load
+from adaptext.tasks import Task
 from adaptext.train import (
     pick_device,
     planned_steps,
@@ -117,7 +119,12 @@ def _train(
     echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {names(dataset.class_names, 12)}")
     for note in dataset.notes:
         echo(f"data: {note}")
-    _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
+    task = Task(dataset.task)
+    if task.kind == "regression":
+        config.check_regression_options(cfg)
+    task.resolve_metric(cfg.metric)  # a metric the task has no figure for fails here, before any work
+    if task.kind == "single-label":
+        _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
 
     tokenizer = models.load_tokenizer(source)
     # Tokenised first: with sliding windows the number of training rows (and so of steps) depends on it.
@@ -125,9 +132,13 @@ def _train(
     encoded = {name: windowing.encode(tokenizer, split.texts) for name, split in dataset.splits.items()}
     train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
     id2label = dict(enumerate(dataset.class_names))
-    model, head_modules = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id)
+    model, head_modules = models.load_classifier(
+        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type
+    )
     fingerprint = artifacts.base_fingerprint(model)
     model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
+    if task.kind == "regression":
+        task = _target_scale(model, train_labels, echo)
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
@@ -188,16 +199,22 @@ def _train(
             if windowing.sliding
             else None,
             on_eval=on_eval,
+            task=task,
         )
+        if task.kind == "regression":
+            tasks.fold_target_scale(model, task.mean, task.std)
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
         for split in ("validation", "test"):
             if split in encoded:
                 rows = encoded[split]
                 logits = sharded_logits(model, rows.ids, tokenizer.pad_token_id, eval_batch, precision, device, group)
-                metrics[split] = classification_metrics(
-                    dataset.splits[split].labels, windowing.pool_logits(logits, rows), dataset.class_names
-                )
+                logits = windowing.pool_logits(logits, rows)
+                if split == "validation":  # multi-label: per-class thresholds, tuned here, used on test
+                    task = task.with_tuned_thresholds(
+                        dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold
+                    )
+                metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -227,6 +244,7 @@ def _train(
             "params": params.to_dict(),
             "lr": cfg.resolved_lr(),
             "class_names": dataset.class_names,
+            "task": task.to_meta(),
             "pad_token_id": tokenizer.pad_token_id,
             "config": cfg.to_dict(),
             "versions": library_versions(),
@@ -235,26 +253,28 @@ def _train(
         if group.primary:  # the other processes of a distributed run write nothing
             artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
             artifacts.write_json(
-                staging / artifacts.LABELS_FILE, artifacts.label_map(dataset.class_names, tokenizer.pad_token_id)
+                staging / artifacts.LABELS_FILE,
+                artifacts.label_map(dataset.class_names, tokenizer.pad_token_id, task.problem_type),
             )
             artifacts.write_json(staging / artifacts.META_FILE, meta)
             artifacts.write_json(staging / "metrics.json", metrics)
             (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
             (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
             final = metrics.get("test") or metrics["validation"]
-            save_confusion_png(
-                final["confusion_matrix"],
-                dataset.class_names,
-                staging / "confusion_matrix.png",
-                f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
-            )
+            if "confusion_matrix" in final:
+                save_confusion_png(
+                    final["confusion_matrix"],
+                    dataset.class_names,
+                    staging / "confusion_matrix.png",
+                    f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
+                )
             if cfg.tensorboard:
                 _tensorboard(staging, result.history)
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
     if cfg.epochs > 0:
-        _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo)
+        _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo, task)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
 
@@ -306,15 +326,38 @@ def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.T
     echo(f"warning: {what}; accuracy can look good while small classes are missed: try {', and '.join(tips)}")
 
 
-def _warn_if_nothing_learned(val: dict[str, Any], labels: list[int], cfg: config.TrainConfig, echo: Callable) -> None:
-    """A model that ends at the majority-class rate has diverged or learned nothing: say so, say what to try."""
+def _warn_if_nothing_learned(
+    val: dict[str, Any], labels: list[Any], cfg: config.TrainConfig, echo: Callable, task: Task
+) -> None:
+    """A model no better than a constant answer has diverged or learned nothing: say so, say what to try."""
+    tip = f"training diverged or learned nothing; try a lower --lr (now {cfg.resolved_lr():g}) or more --epochs"
+    if task.kind == "regression":
+        if val["r2"] <= 0.0:
+            echo(f"warning: validation R² {val['r2']:.3f} is no better than always predicting the mean: {tip}")
+        return
+    if task.kind == "multi-label":
+        if val["micro_f1"] == 0.0:
+            echo(f"warning: validation micro-F1 is 0 (no label predicted right): {tip}")
+        return
     majority = max(labels.count(c) for c in set(labels)) / len(labels)
     if val["accuracy"] <= majority + 0.01:
         echo(
             f"warning: validation accuracy {val['accuracy']:.3f} is no better than always answering the most "
-            f"common class ({majority:.3f}): training diverged or learned nothing; try a lower --lr "
-            f"(now {cfg.resolved_lr():g}) or more --epochs"
+            f"common class ({majority:.3f}): {tip}"
         )
+
+
+def _target_scale(model: torch.nn.Module, targets: list[float], echo: Callable) -> Task:
+    """Regression trains on standardised targets (well-conditioned whatever their scale); the head is
+    rescaled after training (tasks.fold_target_scale). A head without a bias cannot carry the mean: its
+    targets are only scaled, by their root mean square."""
+    values = np.asarray(targets, dtype=np.float64)
+    if tasks.output_layer(model).bias is None:
+        mean, std = 0.0, float(np.sqrt((values**2).mean()))
+    else:
+        mean, std = float(values.mean()), float(values.std())
+    echo(f"regression: targets mean {values.mean():.4g}, std {values.std():.4g} (trained standardised)")
+    return Task("regression", mean=mean, std=std or 1.0)
 
 
 def _tensorboard(folder: Path, history: list[dict[str, Any]]) -> None:
@@ -358,14 +401,17 @@ def evaluate(
         label_column or cfg.get("label_column"),
         data_subset,
         encoding,
+        task=classifier.task.kind,
+        separator=cfg.get("label_separator"),
     )
     if limit is not None:
         split_data = data.stratified_sample(split_data, limit, cfg.get("seed", 42))
     logits = classifier.logits(split_data.texts)
-    metrics = classification_metrics(split_data.labels, logits, classifier.class_names)
+    metrics = classifier.task.metrics(split_data.labels, logits, classifier.class_names)
     if save is not None:
         out = Path(save)
         out.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(out / "eval_metrics.json", metrics)
-        save_confusion_png(metrics["confusion_matrix"], classifier.class_names, out / "confusion_matrix.png")
+        if "confusion_matrix" in metrics:
+            save_confusion_png(metrics["confusion_matrix"], classifier.class_names, out / "confusion_matrix.png")
     return metrics

@@ -28,6 +28,7 @@ from torch import nn
 
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer, resolve_model
+from adaptext.tasks import Task
 from adaptext.windows import Windowing
 
 FORMAT_VERSION = 1
@@ -87,12 +88,14 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def label_map(class_names: list[str], pad_token_id: int) -> dict[str, Any]:
+def label_map(
+    class_names: list[str], pad_token_id: int, problem_type: str = "single_label_classification"
+) -> dict[str, Any]:
     return {
         "id2label": {str(i): n for i, n in enumerate(class_names)},
         "label2id": {n: i for i, n in enumerate(class_names)},
         "num_labels": len(class_names),
-        "problem_type": "single_label_classification",
+        "problem_type": problem_type,
         "pad_token_id": pad_token_id,
     }
 
@@ -136,6 +139,11 @@ class LoadedModel:
     def windowing(self) -> Windowing:
         """How texts become rows and rows pool back, as at training time."""
         return Windowing.from_config(self.meta["config"])
+
+    @property
+    def task(self) -> Task:
+        """Single-label, multi-label (with its thresholds) or regression, as trained."""
+        return Task.from_meta(self.meta)
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -186,12 +194,17 @@ def load_model(
     source = resolve_model(base) if base else _base_source(meta)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
     id2label = dict(enumerate(class_names))
+    problem_type = Task.from_meta(meta).problem_type
     if method == "full":
         model, _ = load_classifier(
-            ModelSource(str(folder), str(folder), None), len(class_names), id2label, labels["pad_token_id"]
+            ModelSource(str(folder), str(folder), None),
+            len(class_names),
+            id2label,
+            labels["pad_token_id"],
+            problem_type,
         )
     else:
-        model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"])
+        model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"], problem_type)
         _check_same_base(model, meta, source)
         if is_peft(method):
             model = _attach_adapter(model, folder, merge and method in MERGEABLE, method)

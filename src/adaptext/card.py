@@ -39,8 +39,42 @@ def _long_text(cfg: dict[str, Any]) -> str:
     )
 
 
+# Per task: the results table's columns (metric key, heading), and the model index's headline metrics.
+RESULT_COLUMNS = {
+    "single-label": [("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"), ("loss", "loss")],
+    "multi-label": [
+        ("micro_f1", "micro F1"), ("macro_f1", "macro F1"), ("subset_accuracy", "subset accuracy"),
+        ("hamming_loss", "Hamming loss"), ("loss", "BCE loss"),
+    ],
+    "regression": [("rmse", "RMSE"), ("mae", "MAE"), ("r2", "R²"), ("pearson", "Pearson r"), ("spearman", "Spearman ρ")],
+}  # fmt: skip
+INDEX_METRICS = {
+    "single-label": [("accuracy", "accuracy", None), ("f1", "macro_f1", "macro F1")],
+    "multi-label": [("f1", "micro_f1", "micro F1"), ("f1", "macro_f1", "macro F1")],
+    "regression": [("rmse", "rmse", None), ("pearsonr", "pearson", "Pearson r")],
+}
+TASK_WORDS = {
+    "single-label": "text classifier",
+    "multi-label": "multi-label text classifier (a sigmoid per label; thresholds tuned per label on validation)",
+    "regression": "text regression model",
+}
+
+
+def _results_table(kind: str, metrics: dict[str, Any]) -> str:
+    columns = RESULT_COLUMNS[kind]
+    head = "| split | " + " | ".join(title for _, title in columns) + " | n |"
+    rule = "|---" * (len(columns) + 2) + "|"
+    rows = [
+        f"| {name} | " + " | ".join(f"{m[key]:.4f}" for key, _ in columns) + f" | {m['n']} |"
+        for name, m in (("validation", metrics.get("validation")), ("test", metrics.get("test")))
+        if m
+    ]
+    return "\n".join([head, rule, *rows])
+
+
 def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
     cfg = meta["config"]
+    kind = (meta.get("task") or {}).get("kind", "single-label")
     base = meta["base_model"]
     base_id = base.get("hub_id") or base["name"]
     dataset = dataset_name(cfg.get("data"))
@@ -52,7 +86,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
         "pipeline_tag": "text-classification",
         "tags": ["adaptext", "text-classification", meta["method"]],
         "datasets": [dataset],
-        "metrics": ["accuracy", "f1"],
+        "metrics": sorted({kind_ for kind_, _, _ in INDEX_METRICS[kind]}),
         "model-index": [
             {
                 "name": folder_name,
@@ -61,8 +95,8 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
                         "task": {"type": "text-classification"},
                         "dataset": {"name": dataset, "type": dataset, "split": split},
                         "metrics": [
-                            {"type": "accuracy", "value": round(final.get("accuracy", 0.0), 4)},
-                            {"type": "f1", "name": "macro F1", "value": round(final.get("macro_f1", 0.0), 4)},
+                            {"type": type_, **({"name": name} if name else {}), "value": round(final.get(key, 0.0), 4)}
+                            for type_, key, name in INDEX_METRICS[kind]
                         ],
                     }
                 ],
@@ -70,11 +104,6 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
         ],
     }
     params = meta["params"]
-    rows = "\n".join(
-        f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['weighted_f1']:.4f} | {m['loss']:.4f} | {m['n']} |"
-        for name, m in (("validation", metrics.get("validation")), ("test", metrics.get("test")))
-        if m
-    )
     labels = ", ".join(meta["class_names"])
     num_labels = len(meta["class_names"])
     peft_snippet = ""
@@ -104,16 +133,14 @@ and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.
 
 # {folder_name}
 
-A {METHOD_NAMES.get(meta["method"], meta["method"])} text classifier fine-tuned from
+A {METHOD_NAMES.get(meta["method"], meta["method"])} {TASK_WORDS[kind]} fine-tuned from
 `{base_id}` with [adaptext](https://pypi.org/project/adaptext/) on `{dataset}`.
 
-Labels ({num_labels}): {labels}
+{f"Target: {labels}" if kind == "regression" else f"Labels ({num_labels}): {labels}"}
 
 ## Results
 
-| split | accuracy | macro F1 | weighted F1 | loss | n |
-|---|---|---|---|---|---|
-{rows}
+{_results_table(kind, metrics)}
 
 Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = {params["trainable"]:,}
 ({params["trainable_percent"]:.3f}% of {params["total"]:,}). Training took {metrics["train"]["seconds"]:.1f} s

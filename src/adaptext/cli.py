@@ -163,9 +163,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps({"text": text, **row}, ensure_ascii=False))
     else:
         for text, row in zip(texts, results):
-            extra = "  ".join(f"{t['label']}={t['score']:.3f}" for t in row["top_k"][1:])
-            print(f"{row['label']}\t{row['score']:.4f}\t{text[:100]}" + (f"\t{extra}" if extra else ""))
+            print(_result_line(row, text))
     return 0
+
+
+def _result_line(row: dict[str, Any], text: str) -> str:
+    """One prediction, tab-separated: label and score (single-label), the labels set (multi-label, with
+    the top classes' probabilities) or the value (regression), then the text."""
+    if "value" in row:
+        return f"{row['value']:.6g}\t{text[:100]}"
+    if "labels" in row:
+        top = "  ".join(f"{t['label']}={t['score']:.3f}" for t in row["top_k"])
+        return f"{','.join(row['labels']) or '-'}\t{text[:100]}\t{top}"
+    extra = "  ".join(f"{t['label']}={t['score']:.3f}" for t in row["top_k"][1:])
+    return f"{row['label']}\t{row['score']:.4f}\t{text[:100]}" + (f"\t{extra}" if extra else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -224,7 +235,8 @@ def _serve(args: argparse.Namespace, options: Any) -> None:
 
 
 def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> None:
-    """CSV (label, score, prob_<class>...) or JSONL by extension, written atomically."""
+    """CSV or JSONL by extension, written atomically. CSV columns: text, label, score, prob_<class>...
+    (single-label); text, labels (a JSON list), prob_<class>... (multi-label); text, value (regression)."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):
         raise AdaptextError(f"--output {path}: use a .csv or .jsonl file name")
@@ -235,22 +247,32 @@ def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]
         with tmp.open("w", encoding="utf-8", newline="") as handle:
             if suffix == ".csv":
                 writer = csv.writer(handle)
-                writer.writerow(["text", "label", "score", *(f"prob_{n}" for n in class_names)])
-                for text, row in zip(texts, results):
-                    writer.writerow(
-                        [
-                            text,
-                            row["label"],
-                            f"{row['score']:.6f}",
-                            *(f"{row['probabilities'][n]:.6f}" for n in class_names),
-                        ]
-                    )
+                writer.writerows(_csv_rows(texts, results, class_names))
             else:
                 for text, row in zip(texts, results):
                     handle.write(json.dumps({"text": text, **row}, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _csv_rows(texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> list[list[str]]:
+    """The header and one row per text, for whichever task the results are of."""
+    probs = [f"prob_{n}" for n in class_names]
+    if results and "value" in results[0]:
+        return [["text", "value"]] + [[text, f"{row['value']:.6g}"] for text, row in zip(texts, results)]
+
+    def probabilities(row: dict[str, Any]) -> list[str]:
+        return [f"{row['probabilities'][n]:.6f}" for n in class_names]
+
+    if results and "labels" in results[0]:
+        return [["text", "labels", *probs]] + [
+            [text, json.dumps(row["labels"], ensure_ascii=False), *probabilities(row)]
+            for text, row in zip(texts, results)
+        ]
+    return [["text", "label", "score", *probs]] + [
+        [text, row["label"], f"{row['score']:.6f}", *probabilities(row)] for text, row in zip(texts, results)
+    ]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

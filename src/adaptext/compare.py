@@ -170,7 +170,12 @@ def _check_inputs(cfg: config.TrainConfig) -> None:
 
     models.quiet_transformers()
     models.resolve_model(cfg.model)
-    data.load_training_data(cfg)
+    dataset = data.load_training_data(cfg)
+    if dataset.task != "single-label":
+        raise AdaptextError(
+            f"adaptext compare reports accuracy and confusion matrices of single-label data; this is {dataset.task} "
+            "data: train each method with adaptext train (its metrics.json has the task's metrics)"
+        )
 
 
 def _run_one(cfg: config.TrainConfig, log_path: Path, progress: bool) -> str | None:

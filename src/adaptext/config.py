@@ -27,7 +27,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate", "sliding")
 WINDOW_POOLS = ("mean", "max")
-METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss")
+TASKS = ("auto", "single-label", "multi-label", "regression")
+# Selection metrics; which apply depends on the task (adaptext.tasks.METRICS), "auto" picks its usual one.
+METRICS = (
+    "auto", "accuracy", "macro_f1", "weighted_f1", "loss", "micro_f1", "subset_accuracy",
+    "rmse", "mae", "r2", "pearson", "spearman",
+)  # fmt: skip
 LOSSES = ("cross-entropy", "focal")
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
@@ -67,6 +72,23 @@ class TrainConfig:
         None, "Text column(s); several are joined with a space. Default: auto-detect ('text', ...)."
     )
     label_column: str | None = _f(None, "Label column. Default: auto-detect ('label', ...).")
+    task: str = _f(
+        "auto",
+        "single-label (one class per text), multi-label (any set of classes per text: list cells, or strings "
+        "split at --label-separator; sigmoid + binary cross-entropy, per-class thresholds tuned on validation) "
+        "or regression (a real number per text; mean squared error). auto: multi-label when label cells are "
+        "lists, regression when labels are non-integer numbers, else single-label.",
+    )
+    label_separator: str | None = _f(
+        None,
+        "Multi-label labels given as strings: the separator between a row's labels (e.g. ',' for "
+        "'sports,politics'); setting it implies --task multi-label. Default: list cells only.",
+    )
+    threshold: float | None = _f(
+        None,
+        "Multi-label: predict a class when its probability reaches this (every class). Default: a threshold "
+        "per class, tuned on the validation split for that class's F1.",
+    )
     train_split: str = _f("train", "Name of the training split.")
     validation_split: str | None = _f(
         None,
@@ -156,7 +178,12 @@ class TrainConfig:
     focal_gamma: float = _f(
         2.0, f"Focal loss focusing exponent gamma, 0 to {MAX_FOCAL_GAMMA:g} (0 is cross-entropy; with --loss focal)."
     )
-    metric: str = _f("accuracy", "Metric for best-checkpoint selection: " + ", ".join(METRICS) + ".")
+    metric: str = _f(
+        "auto",
+        "Metric for best-checkpoint selection. auto: accuracy (single-label), micro_f1 (multi-label), rmse "
+        "(regression). Also: macro_f1, weighted_f1, loss; subset_accuracy (multi-label); mae, r2, pearson, "
+        "spearman (regression).",
+    )
     early_stopping: int | None = _f(None, "Stop after this many evaluations without improvement.")
     evals_per_epoch: int = _f(1, "Validation passes per epoch.")
     precision: str = _f("auto", "auto (bf16 where the hardware has it), fp32, bf16 or fp16.")
@@ -247,6 +274,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
     _check_choice("window_pool", cfg.window_pool, WINDOW_POOLS)
     _check_choice("metric", cfg.metric, METRICS)
+    _check_choice("task", cfg.task, TASKS)
+    _check_task(cfg)
     _check_choice("loss", cfg.loss, LOSSES)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
     if cfg.top_layers:
@@ -306,6 +335,30 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"--focal-gamma must be between 0 and {MAX_FOCAL_GAMMA:g} (got {cfg.focal_gamma}); 2 is the usual choice"
         )
     return cfg
+
+
+def _check_task(cfg: TrainConfig) -> None:
+    """Task options that contradict each other (the data decides the rest once it is read)."""
+    if cfg.label_separator is not None:
+        if cfg.label_separator == "":
+            raise AdaptextError("--label-separator must not be empty; e.g. --label-separator ','")
+        if cfg.task not in ("auto", "multi-label"):
+            raise AdaptextError(f"--label-separator applies to multi-label data, not --task {cfg.task}")
+        cfg.task = "multi-label"
+    if cfg.threshold is not None:
+        if cfg.task not in ("auto", "multi-label"):
+            raise AdaptextError(f"--threshold applies to multi-label data, not --task {cfg.task}")
+        if not 0 < cfg.threshold < 1:
+            raise AdaptextError(f"--threshold must be between 0 and 1 (got {cfg.threshold}); 0.5 is the usual cut")
+    if cfg.task == "regression":
+        check_regression_options(cfg)
+
+
+def check_regression_options(cfg: TrainConfig) -> None:
+    """Class weights and focal loss are about classes: a regression run refuses them."""
+    for flag, used in (("--class-weights", cfg.class_weights), ("--loss focal", cfg.loss == "focal")):
+        if used:
+            raise AdaptextError(f"{flag} applies to classification; drop it for regression (mean squared error)")
 
 
 def _check_windows(cfg: TrainConfig) -> None:

@@ -1,12 +1,15 @@
 """Load labelled text from Hub datasets, local files or split directories into plain Python lists.
 
-Everything downstream sees a :class:`TextDataset`: per split a list of texts and a list of label
-ids, plus the class names in label order. All input problems are caught here, with a message that
-names the file, the rows and the fix.
+Everything downstream sees a :class:`TextDataset`: per split a list of texts and a list of labels,
+plus the class names in label order and the task. A label is a class id (single-label), a sorted list
+of class ids (multi-label) or a float (regression). All input problems are caught here, with a message
+that names the file, the rows and the fix.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ MAX_TEXT_CHARS = 1_000_000
 @dataclass
 class Split:
     texts: list[str]
-    labels: list[int]
+    labels: list[Any]  # class ids; lists of class ids (multi-label); floats (regression)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -39,9 +42,10 @@ class TextDataset:
     """Labelled splits with a shared label space."""
 
     splits: dict[str, Split]
-    class_names: list[str]
+    class_names: list[str]  # regression: the one target's name (the label column)
     source: str
     notes: list[str] = field(default_factory=list)
+    task: str = "single-label"
 
     @property
     def num_labels(self) -> int:
@@ -82,9 +86,10 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _cells(frame: pd.DataFrame, column: str, origin: str, what: str) -> list[Any]:
+def _cells(frame: pd.DataFrame, column: str, origin: str, what: str, lists: bool = False) -> list[Any]:
     """A column's cells as plain Python scalars: numpy scalars unwrapped, bytes (Parquet binary columns)
-    decoded as UTF-8; a list, array or mapping in a cell (a multi-label or nested file) is refused."""
+    decoded as UTF-8; a list, array or mapping in a cell (a multi-label or nested file) is refused unless
+    ``lists`` (multi-label labels), which passes lists and arrays on as lists."""
     out = []
     for row, value in enumerate(frame[column].tolist()):
         if isinstance(value, (bytes, bytearray)):
@@ -95,9 +100,11 @@ def _cells(frame: pd.DataFrame, column: str, origin: str, what: str) -> list[Any
                     f"{origin}: row {row} of {column!r} holds bytes that are not UTF-8 text ({_short(value)}); "
                     "store that column as UTF-8 strings"
                 ) from None
+        elif lists and isinstance(value, (list, tuple, np.ndarray)):
+            value = [v.item() if isinstance(v, np.generic) else v for v in value]
         elif isinstance(value, (list, tuple, dict, set, np.ndarray)):
             kind = "mapping" if isinstance(value, dict) else "list"
-            fix = "give each row one label (adaptext trains single-label classifiers)"
+            fix = "give each row one label, or pass --task multi-label for a set of labels per row"
             raise AdaptextError(
                 f"{origin}: row {row} of {column!r} holds a {kind} ({_short(value)}), not a single {what}; "
                 + (fix if what == "label" else "give one string per row")
@@ -143,9 +150,104 @@ def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
             v = int(v)
         if isinstance(v, float):
             raise AdaptextError(
-                f"{origin}: label {v!r} in {column!r} is not a class; classification needs integer or string labels"
+                f"{origin}: label {v!r} in {column!r} is not a class; classification needs integer or string labels "
+                "(pass --task regression to predict numbers)"
             )
         out.append(v.strip() if isinstance(v, str) else v)
+    return out
+
+
+def _is_list_cell(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def guess_task(frame: pd.DataFrame, column: str) -> str:
+    """The task a label column implies: lists -> multi-label; non-integer numbers -> regression."""
+    values = [v for v in frame[column].tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if any(_is_list_cell(v) for v in values):
+        return "multi-label"
+    numbers = [v.item() if isinstance(v, np.generic) else v for v in values]
+    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        if any(isinstance(v, float) and not v.is_integer() for v in numbers):
+            return "regression"
+    return "single-label"
+
+
+def _raw_label_sets(frame: pd.DataFrame, column: str, origin: str, separator: str | None) -> list[list[Any]]:
+    """Multi-label cells as lists: list cells as they are, strings split at ``separator`` (or read as a
+    JSON / Python list literal, as pandas writes list columns to CSV). Blank cells and ``[]`` are rows
+    with no label."""
+    out = []
+    for row, value in enumerate(_cells(frame, column, origin, "label", lists=True)):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = []
+        elif isinstance(value, str):
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                value = _list_literal(text, origin, column, row)
+            elif separator is not None:
+                value = text.split(separator)
+            elif text:
+                value = [text]
+            else:
+                value = []
+        elif not isinstance(value, list):
+            value = [value]
+        labels = []
+        for item in value:
+            if isinstance(item, float) and item.is_integer():
+                item = int(item)
+            if isinstance(item, str):
+                item = item.strip()
+                if not item:
+                    continue
+            if isinstance(item, (float, list, dict)) or item is None:
+                raise AdaptextError(
+                    f"{origin}: row {row} of {column!r} has {_short(item)} in its label list; "
+                    "labels are class names or integer ids"
+                )
+            labels.append(item)
+        out.append(labels)
+    return out
+
+
+def _list_literal(text: str, origin: str, column: str, row: int) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise AdaptextError(
+                f"{origin}: row {row} of {column!r} looks like a list but does not parse ({_short(text)}); "
+                'write it as a JSON list, e.g. ["a", "b"]'
+            ) from None
+    if not isinstance(value, (list, tuple)):
+        raise AdaptextError(f"{origin}: row {row} of {column!r} is not a list of labels ({_short(text)})")
+    return list(value)
+
+
+def _raw_targets(frame: pd.DataFrame, column: str, origin: str) -> list[float]:
+    """Regression targets: finite numbers (numeric strings accepted), every row."""
+    values = _cells(frame, column, origin, "label")
+    bad = _blank_rows(values)
+    if bad:
+        raise AdaptextError(
+            f"{origin}: {len(bad)} row(s) have no value in {column!r} (first at row {bad[0]}); "
+            "remove or fill those rows"
+        )
+    out = []
+    for row, v in enumerate(values):
+        try:
+            number = float(v) if not isinstance(v, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise AdaptextError(
+                f"{origin}: row {row} of {column!r} holds {_short(v)}, not a finite number; "
+                "regression needs a number per row (or pass --task single-label for classes)"
+            )
+        out.append(number)
     return out
 
 
@@ -196,21 +298,50 @@ def table_to_split(
     class_names: list[str],
     declared: bool,
     label2id: dict[str, int] | None = None,
+    task: str = "single-label",
+    separator: str | None = None,
 ) -> Split:
     frame = table.frame
     if len(frame) == 0:
         raise AdaptextError(f"{table.origin} has no rows; give a file with examples")
     texts = table_texts(table, text_columns)
     label_col = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    if task == "regression":
+        return Split(texts, _raw_targets(frame, label_col, table.origin))
+    if task == "multi-label":
+        sets = _raw_label_sets(frame, label_col, table.origin, separator)
+        flat = encode_labels([v for row in sets for v in row], class_names, declared, table.origin, label2id)
+        labels, start = [], 0
+        for row in sets:
+            labels.append(sorted(set(flat[start : start + len(row)])))
+            start += len(row)
+        return Split(texts, labels)
     labels = encode_labels(_raw_labels(frame, label_col, table.origin), class_names, declared, table.origin, label2id)
     return Split(texts, labels)
 
 
-def table_label_names(table: Table, label_column: str | None) -> tuple[list[str], bool]:
+def table_label_names(
+    table: Table, label_column: str | None, task: str = "single-label", separator: str | None = None
+) -> tuple[list[str], bool]:
     label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
-    raw = _raw_labels(table.frame, label_col, table.origin)
+    if task == "regression":
+        return [label_col], False
+    if task == "multi-label":
+        raw = [v for row in _raw_label_sets(table.frame, label_col, table.origin, separator) for v in row]
+        if not raw and not table.class_names:
+            raise AdaptextError(f"{table.origin}: no row has a label in {label_col!r}; label some rows")
+    else:
+        raw = _raw_labels(table.frame, label_col, table.origin)
     names = build_label_names(raw, table.class_names, table.origin)
     return names, bool(table.class_names)
+
+
+def resolve_task(table: Table, label_column: str | None, task: str) -> str:
+    """--task auto, decided by the training table's label column (see guess_task)."""
+    if task != "auto":
+        return task
+    label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    return guess_task(table.frame, label_col)
 
 
 # ---------------------------------------------------------------- class balance
@@ -246,14 +377,30 @@ def stratified_sample(split: Split, size: int | None, seed: int) -> Split:
     return _pick(split, keep)
 
 
-def _stratified_indices(labels: list[int], first_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into ``first_size`` and the rest, keeping each class's share in both.
+def strata(labels: list[Any]) -> list[Any]:
+    """What stratified sampling keeps in proportion: the class (single-label); a row's rarest label
+    (multi-label; -1 for a row with none), which keeps every label's share close; the quintile of the
+    target (regression)."""
+    if not labels:
+        return []
+    if isinstance(labels[0], list):
+        frequency = Counter(c for row in labels for c in row)
+        return [min(row, key=lambda c: (frequency[c], c)) if row else -1 for row in labels]
+    if isinstance(labels[0], float):
+        edges = np.unique(np.quantile(np.asarray(labels), [0.2, 0.4, 0.6, 0.8]))
+        return np.digitize(labels, edges).tolist()
+    return list(labels)
+
+
+def _stratified_indices(labels: list[Any], first_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into ``first_size`` and the rest, keeping each class's share in both (see strata).
 
     A class with a single example cannot be shared out (and would stop sklearn from stratifying any
     class): it goes to the first part (the training examples, or the sample), the rest is stratified.
     """
     from sklearn.model_selection import train_test_split
 
+    labels = strata(labels)
     counts = Counter(labels)
     singles = [i for i, label in enumerate(labels) if counts[label] == 1]
     pool = [i for i, label in enumerate(labels) if counts[label] > 1]
@@ -272,7 +419,7 @@ def _stratified_indices(labels: list[int], first_size: int, seed: int) -> tuple[
 
 
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    shareable = sum(1 for n in Counter(split.labels).values() if n > 1)  # one-example classes stay in train
+    shareable = sum(1 for n in Counter(strata(split.labels)).values() if n > 1)  # one-example classes stay in train
     n_val = max(shareable, round(len(split) * fraction), 1)
     if len(split) - n_val < 2:
         raise AdaptextError(
@@ -303,16 +450,17 @@ def load_training_data(cfg: Any) -> TextDataset:
     if cfg.train_split not in tables:
         raise AdaptextError(f"{spec}: no split {cfg.train_split!r} (found: {names(tables)}); fix --train-split")
     train_table = tables[cfg.train_split]
-    class_names, declared = table_label_names(train_table, cfg.label_column)
-    convert = lambda t: table_to_split(t, cfg.text_column, cfg.label_column, class_names, declared)  # noqa: E731
-    train = convert(train_table)
-    notes = []
-    present = sorted(set(train.labels))
-    if len(present) < 2:
-        raise AdaptextError(
-            f"{train_table.origin}: every training example has the same label "
-            f"({class_names[present[0]]!r}); classification needs at least two classes"
+    task = resolve_task(train_table, cfg.label_column, cfg.task)
+    class_names, declared = table_label_names(train_table, cfg.label_column, task, cfg.label_separator)
+
+    def convert(table: Table) -> Split:
+        return table_to_split(
+            table, cfg.text_column, cfg.label_column, class_names, declared, task=task, separator=cfg.label_separator
         )
+
+    train = convert(train_table)
+    notes = [] if cfg.task == task else [f"task: {task} ({_why_task(task)}; --task overrides)"]
+    present = _check_train_labels(train, task, class_names, train_table.origin)
     if declared and len(present) < len(class_names):
         missing = [class_names[i] for i in range(len(class_names)) if i not in present]
         notes.append(f"classes with no training example: {names(missing, 20)}")
@@ -345,14 +493,48 @@ def load_training_data(cfg: Any) -> TextDataset:
     splits = {"train": train, "validation": validation}
     if "test" in tables and cfg.train_split != "test":
         splits["test"] = stratified_sample(convert(tables["test"]), cfg.test_size, seed)
-    _check_unseen(splits, class_names)
-    return TextDataset(splits, class_names, spec, notes)
+    if task != "regression":
+        _check_unseen(splits, class_names)
+    return TextDataset(splits, class_names, spec, notes, task)
+
+
+def _why_task(task: str) -> str:
+    return {
+        "multi-label": "the label cells are lists",
+        "regression": "the labels are non-integer numbers",
+        "single-label": "one label per row",
+    }[task]
+
+
+def _check_train_labels(train: Split, task: str, class_names: list[str], origin: str) -> list[int]:
+    """The training labels can teach something: two classes, a label somewhere, a target that varies.
+    Returns the class ids present."""
+    if task == "regression":
+        if len(set(train.labels)) < 2:
+            raise AdaptextError(f"{origin}: every training target is {train.labels[0]:g}; regression needs variation")
+        return [0]
+    if task == "multi-label":
+        present = sorted({c for row in train.labels for c in row})
+        if not present:
+            raise AdaptextError(f"{origin}: no training example has a label; multi-label training needs some")
+        return present
+    present = sorted(set(train.labels))
+    if len(present) < 2:
+        raise AdaptextError(
+            f"{origin}: every training example has the same label "
+            f"({class_names[present[0]]!r}); classification needs at least two classes"
+        )
+    return present
+
+
+def _label_ids(labels: list[Any]) -> set[int]:
+    return {c for row in labels for c in row} if labels and isinstance(labels[0], list) else set(labels)
 
 
 def _check_unseen(splits: dict[str, Split], class_names: list[str]) -> None:
-    seen = set(splits["train"].labels)
+    seen = _label_ids(splits["train"].labels)
     for name, split in splits.items():
-        unseen = sorted(set(split.labels) - seen)
+        unseen = sorted(_label_ids(split.labels) - seen)
         if unseen:
             shown = ", ".join(repr(class_names[i]) for i in unseen[:5])
             raise AdaptextError(
@@ -369,22 +551,24 @@ def load_eval_split(
     label_column: str | None,
     subset: str | None = None,
     encoding: str = "utf-8",
+    task: str = "single-label",
+    separator: str | None = None,
 ) -> Split:
-    """Load one split for evaluation against a trained model's label space."""
+    """Load one split for evaluation against a trained model's label space (and task)."""
     tables = load_tables(spec, subset, encoding)
     if split is None:
         split = next((s for s in ("test", "validation", "train") if s in tables), next(iter(tables)))
     if split not in tables:
         raise AdaptextError(f"{spec}: no split {split!r} (found: {names(tables)}); fix --split")
     table = tables[split]
-    if table.class_names and table.class_names != class_names:
+    if table.class_names and table.class_names != class_names and task != "regression":
         raise AdaptextError(
             f"{table.origin}: its classes ({names(table.class_names, 8)}) differ from the "
             f"model's ({names(class_names, 8)}); evaluate on data with the model's label set"
         )
     declared = True
     # Labels given as strings are looked up by class name; ints index the model's classes.
-    return table_to_split(table, text_column, label_column, class_names, declared)
+    return table_to_split(table, text_column, label_column, class_names, declared, task=task, separator=separator)
 
 
 def table_texts(table: Table, text_columns: list[str] | None) -> list[str]:

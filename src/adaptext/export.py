@@ -29,9 +29,9 @@ from torch import nn
 
 from adaptext import artifacts
 from adaptext.errors import AdaptextError
-from adaptext.metrics import softmax
 from adaptext.models import ModelSource, load_tokenizer
-from adaptext.predict import check_texts, rank
+from adaptext.predict import check_texts
+from adaptext.tasks import Task
 from adaptext.train import collate, predict_logits, sorted_batches
 from adaptext.windows import Windowing
 
@@ -111,6 +111,7 @@ class OnnxClassifier:
         self.max_length = int(meta["config"]["max_length"])
         self.long_text = str(meta["config"].get("long_text", "truncate"))
         self.windowing = Windowing.from_config(meta["config"])
+        self.task = Task.from_meta(meta)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         texts = check_texts(texts)
@@ -121,11 +122,11 @@ class OnnxClassifier:
         return self.windowing.pool_logits(logits, rows)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return softmax(self.logits(texts))
+        return self.task.scores(self.logits(texts))
 
     def predict(self, texts: list[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
-        """One dict per text: ``label``, ``score``, ``probabilities`` per class and ``top_k``."""
-        return rank(self.predict_proba([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
+        """One dict per text, as ``predict.Classifier.predict``."""
+        return self.task.results(self.logits([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
 
 
 def load_onnx(folder: str | Path, quantized: bool = False, batch_size: int = 64) -> OnnxClassifier:

@@ -1,4 +1,5 @@
-"""Classification metrics from logits: accuracy, P/R/F1 (macro, weighted, per class), confusion, loss."""
+"""Metrics from logits: single-label (accuracy, P/R/F1 macro/weighted/per class, confusion, loss),
+multi-label (micro/macro F1, subset accuracy, Hamming loss, per class) and regression (RMSE, MAE, R², r)."""
 
 from __future__ import annotations
 
@@ -55,19 +56,103 @@ def classification_metrics(
     return out
 
 
+def multilabel_metrics(
+    truth: np.ndarray, logits: np.ndarray, class_names: list[str], thresholds: np.ndarray, brief: bool = False
+) -> dict[str, Any]:
+    """Multi-label metrics: ``truth`` is multi-hot (rows x classes); a class is predicted when its sigmoid
+    reaches its threshold. Subset accuracy counts rows whose whole label set is right."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from adaptext.tasks import sigmoid
+
+    y_true = truth.astype(bool)
+    probs = sigmoid(logits)
+    y_pred = probs >= thresholds[None, :]
+    # Binary cross-entropy per (row, class), averaged: what training minimises (without pos_weight).
+    log_p = np.log(np.clip(probs, 1e-12, 1.0))
+    log_not_p = np.log(np.clip(1.0 - probs, 1e-12, 1.0))
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "subset_accuracy": float((y_true == y_pred).all(axis=1).mean()) if len(y_true) else 0.0,
+        "hamming_loss": float((y_true != y_pred).mean()) if y_true.size else 0.0,
+        "loss": float(-(np.where(y_true, log_p, log_not_p)).mean()) if y_true.size else 0.0,
+    }
+    present = [c for c in range(len(class_names)) if y_true[:, c].any() or y_pred[:, c].any()]
+    for average in ("micro", "macro", "weighted"):
+        p, r, f, _ = (
+            precision_recall_fscore_support(y_true[:, present], y_pred[:, present], average=average, zero_division=0)
+            if present
+            else (0.0, 0.0, 0.0, None)
+        )
+        out[f"{average}_f1"] = float(f)
+        if not brief:
+            out[f"{average}_precision"], out[f"{average}_recall"] = float(p), float(r)
+    if brief:
+        return out
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    out["per_class"] = {
+        name: {
+            "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i]),
+            "threshold": float(thresholds[i]),
+        }
+        for i, name in enumerate(class_names)
+    }  # fmt: skip
+    out["class_names"] = list(class_names)
+    out["thresholds"] = [float(x) for x in thresholds]
+    return out
+
+
+def regression_metrics(truth: np.ndarray, predicted: np.ndarray, target: str) -> dict[str, Any]:
+    """Regression metrics on the target's own scale; ``loss`` is the mean squared error."""
+    from scipy.stats import pearsonr, spearmanr
+
+    errors = predicted - truth
+    mse = float((errors**2).mean()) if len(truth) else 0.0
+    spread = float(((truth - truth.mean()) ** 2).sum()) if len(truth) else 0.0
+    constant = len(truth) < 2 or np.ptp(truth) == 0 or np.ptp(predicted) == 0
+    return {
+        "n": int(len(truth)),
+        "loss": mse,
+        "mse": mse,
+        "rmse": mse**0.5,
+        "mae": float(np.abs(errors).mean()) if len(truth) else 0.0,
+        "r2": 1.0 - float((errors**2).sum()) / spread if spread else 0.0,
+        # Correlation is undefined when either side is constant (an untrained head): reported as 0.
+        "pearson": 0.0 if constant else float(pearsonr(truth, predicted).statistic),
+        "spearman": 0.0 if constant else float(spearmanr(truth, predicted).statistic),
+        "target": target,
+    }
+
+
+# Per kind of metrics: the figures of its one-line summary, in order.
+HEADLINE = {
+    "accuracy": ("accuracy", "macro_f1", "weighted_f1", "loss"),
+    "subset_accuracy": ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "loss"),
+    "rmse": ("rmse", "mae", "r2", "pearson", "spearman"),
+}
+
+
+def headline(metrics: dict[str, Any], prefix: str = "") -> str:
+    """``accuracy=0.91  macro_f1=0.90 ...`` for whichever task the metrics are of."""
+    keys = next(keys for marker, keys in HEADLINE.items() if marker in metrics)
+    return "  ".join(f"{prefix}{key} {metrics[key]:.4f}" if prefix else f"{key}={metrics[key]:.4f}" for key in keys)
+
+
 def format_report(metrics: dict[str, Any]) -> str:
     """A plain-text table like sklearn's classification_report."""
-    lines = [
-        f"n={metrics['n']}  accuracy={metrics['accuracy']:.4f}  macro_f1={metrics['macro_f1']:.4f}  "
-        f"weighted_f1={metrics['weighted_f1']:.4f}  loss={metrics['loss']:.4f}"
-    ]
+    lines = [f"n={metrics['n']}  " + headline(metrics)]
     per_class = metrics.get("per_class")
     if per_class:
         width = max(12, *(len(n) for n in per_class))
-        lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+        tuned = "threshold" in next(iter(per_class.values()))
+        lines.append(
+            f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"
+            + ("  threshold" if tuned else "")
+        )
         for name, row in per_class.items():
             lines.append(
                 f"{name:<{width}} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {row['support']:>8}"
+                + (f"  {row['threshold']:>9.2f}" if tuned else "")
             )
     matrix = metrics.get("confusion_matrix")
     if matrix and len(matrix) <= 20:

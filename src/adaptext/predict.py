@@ -11,7 +11,7 @@ import torch
 
 from adaptext.artifacts import LoadedModel, load_model
 from adaptext.errors import AdaptextError
-from adaptext.metrics import softmax
+from adaptext.tasks import Task
 from adaptext.train import pick_device, predict_logits, resolve_precision
 
 if TYPE_CHECKING:
@@ -32,6 +32,11 @@ class Classifier:
         return self.loaded.class_names
 
     @property
+    def task(self) -> Task:
+        """What the model predicts: single-label, multi-label (with its thresholds) or regression."""
+        return self.loaded.task
+
+    @property
     def meta(self) -> dict[str, Any]:
         """The model directory's adaptext.json (base model, resolved training config, versions)."""
         return self.loaded.meta
@@ -47,11 +52,15 @@ class Classifier:
         return windowing.pool_logits(logits, rows)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return softmax(self.logits(texts))
+        """Per text: class probabilities (single-label: softmax, summing to 1; multi-label: one sigmoid
+        per class), or the predicted value (regression: one column)."""
+        return self.task.scores(self.logits(texts))
 
     def predict(self, texts: list[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
-        """One dict per text: ``label``, ``score``, ``probabilities`` per class and ``top_k``."""
-        return rank(self.predict_proba([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
+        """One dict per text. Single-label: ``label``, ``score``, ``probabilities`` per class and ``top_k``.
+        Multi-label: ``labels`` (every class at or above its threshold), ``probabilities``, ``top_k``.
+        Regression: ``value`` (and ``label``, the target's name)."""
+        return self.task.results(self.logits([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
 
 
 def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict[str, Any]]:

@@ -38,7 +38,10 @@ from adaptext.batching import sorted_batches as sorted_batches
 from adaptext.batching import special_token_split as special_token_split
 from adaptext.batching import tokenize as tokenize
 from adaptext.cache import FeatureCache
-from adaptext.metrics import classification_metrics
+from adaptext.tasks import Task, lower_is_better
+from adaptext.tasks import class_weight_tensor as class_weight_tensor
+from adaptext.tasks import focal_loss as focal_loss
+from adaptext.tasks import make_loss as make_loss
 
 # ---------------------------------------------------------------- optimisation
 
@@ -64,42 +67,6 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def class_weight_tensor(labels: list[int], num_labels: int) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    weights = len(labels) / (num_labels * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def focal_loss(
-    logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Focal loss (Lin et al. 2017): each example's cross-entropy times (1 - p_true)^gamma.
-
-    An example the model already gets right with p_true 0.9 counts 100x less at gamma 2, so the
-    gradient goes to the hard (often minority-class) ones. ``weight`` (per class, focal's alpha)
-    is applied and normalised exactly as ``nn.CrossEntropyLoss(weight=...)`` does: sum(w * loss) /
-    sum(w). So gamma 0 *is* (weighted) cross-entropy, value and gradient.
-    """
-    log_p_true = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    losses = -log_p_true
-    if gamma:
-        # 1 - p computed as -expm1(log p) keeps precision near p = 1; the floor keeps the gradient of
-        # x^gamma (gamma < 1) finite where the model is certain.
-        losses = (-torch.expm1(log_p_true)).clamp_min(1e-12) ** gamma * losses
-    if weight is None:
-        return losses.mean()
-    example_weights = weight[labels]
-    return (example_weights * losses).sum() / example_weights.sum()
-
-
-def make_loss(cfg: Any, train_labels: list[int], num_labels: int, device: torch.device) -> Callable:
-    """The training loss for ``cfg.loss``, class-weighted with ``cfg.class_weights``."""
-    weights = class_weight_tensor(train_labels, num_labels).to(device) if cfg.class_weights else None
-    if cfg.loss == "focal":
-        return lambda logits, labels: focal_loss(logits, labels, cfg.focal_gamma, weights)
-    return nn.CrossEntropyLoss(weight=weights)
-
-
 def _write(log: Any, record: dict[str, Any]) -> None:
     if log is not None:
         log.write(json.dumps(record) + "\n")
@@ -113,10 +80,21 @@ def _print(bar: Any, line: str) -> None:
         bar.write(line)
 
 
+def brief(metrics: dict[str, Any]) -> str:
+    """The validation line's figures after the loss: the task's usual ones."""
+    if "accuracy" in metrics:
+        keys = {"acc": "accuracy", "macro_f1": "macro_f1"}
+    elif "subset_accuracy" in metrics:
+        keys = {"micro_f1": "micro_f1", "macro_f1": "macro_f1", "subset_acc": "subset_accuracy"}
+    else:
+        keys = {"rmse": "rmse", "mae": "mae", "r2": "r2"}
+    return "  ".join(f"val_{short} {metrics[key]:.4f}" for short, key in keys.items())
+
+
 def _better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
-    return new < old if metric == "loss" else new > old
+    return new < old if lower_is_better(metric) else new > old
 
 
 @dataclass
@@ -157,6 +135,7 @@ def train_loop(
     resume: dict[str, Any] | None = None,
     group: distributed.Group | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
@@ -168,8 +147,12 @@ def train_loop(
     With ``val_pool`` (sliding windows, see adaptext.windows), ``val_ids`` are windows and ``val_labels``
     belong to texts: validation logits are pooled per text before they are scored.
     ``on_eval`` is called with every validation record (epoch, step, metrics); an exception it raises
-    (say, a hyper-parameter search pruning the trial) ends training and propagates.
+    (say, a hyper-parameter search pruning the trial) ends training and propagates. ``task`` (see
+    adaptext.tasks) sets the loss, the label tensors and the validation metrics (default: single-label);
+    ``cfg.metric`` must be one of its metrics.
     """
+    task = task or Task()
+    metric = task.resolve_metric(cfg.metric)
     group = group or distributed.Group()
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
@@ -192,8 +175,8 @@ def train_loop(
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.resolved_lr())
     trainable = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_params(group, trainable)
-    loss_fn = make_loss(cfg, train_labels, len(class_names), device)
-    labels_all = torch.tensor(train_labels, dtype=torch.long)
+    loss_fn = make_loss(cfg, train_labels, len(class_names), device, task)
+    labels_all = task.label_tensor(train_labels, len(class_names))
     rank_allocator = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
 
     result = TrainResult()
@@ -300,19 +283,15 @@ def train_loop(
                         )
                         if val_pool is not None:
                             val_logits = val_pool(val_logits)
-                        metrics = classification_metrics(val_labels, val_logits, class_names, brief=True)
+                        metrics = task.metrics(val_labels, task.in_training_units(val_logits), class_names, brief=True)
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                         result.history.append(record)
                         _write(log, {"eval": record})
-                        _print(
-                            bar,
-                            f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  "
-                            f"val_acc {metrics['accuracy']:.4f}  val_macro_f1 {metrics['macro_f1']:.4f}",
-                        )
+                        _print(bar, f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  " + brief(metrics))
                         started += time.perf_counter() - eval_started  # throughput counts training only
                         if on_eval is not None:
                             on_eval(record)
-                        if _better(cfg.metric, metrics[cfg.metric], result.best and result.best[cfg.metric]):
+                        if _better(metric, metrics[metric], result.best and result.best[metric]):
                             result.best = record
                             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                             bad_evals = 0

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from adaptext.errors import AdaptextError
-from adaptext.predict import rank
 from adaptext.serve.batcher import Batcher
 from adaptext.serve.registry import AdapterExists, AdapterNotFound, PathRefused, Registry
 
@@ -65,14 +64,21 @@ class Score(BaseModel):
 
 
 class Result(BaseModel):
-    label: str
-    score: float
-    top_k: list[Score]
-    probabilities: dict[str, float]
+    """One text's answer. Single-label: label, score, top_k, probabilities (softmax). Multi-label: labels
+    (every class at or above its tuned threshold), top_k, probabilities (a sigmoid per class). Regression:
+    value, and label (the target's name)."""
+
+    label: str | None = None
+    score: float | None = None
+    labels: list[str] | None = None
+    value: float | None = None
+    top_k: list[Score] | None = None
+    probabilities: dict[str, float] | None = None
 
 
 class ClassifyResponse(BaseModel):
     adapter: str
+    task: str = Field(description="single-label, multi-label or regression")
     labels: list[str]
     results: list[Result]
 
@@ -283,6 +289,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         f"/{API_VERSION}/classify",
         tags=["classify"],
         response_model=ClassifyResponse,
+        response_model_exclude_none=True,
         dependencies=[Depends(check_token)],
     )
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
@@ -304,8 +311,9 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         metrics.texts.labels(body.adapter).inc(len(body.texts))
         return {
             "adapter": adapter.name,
+            "task": adapter.task.kind,
             "labels": adapter.class_names,
-            "results": rank(probs, adapter.class_names, body.top_k),
+            "results": adapter.task.rank(probs, adapter.class_names, body.top_k),
         }
 
     @app.post(f"/{API_VERSION}/adapters", tags=["admin"], status_code=201, dependencies=[Depends(check_admin)])

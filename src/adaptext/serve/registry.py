@@ -24,8 +24,8 @@ from torch import nn
 
 from adaptext.artifacts import HEAD_FILE, _base_source, _check_same_base, read_labels, read_meta
 from adaptext.errors import AdaptextError
-from adaptext.metrics import softmax
 from adaptext.models import ModelSource, load_classifier, load_tokenizer
+from adaptext.tasks import Task
 from adaptext.train import (
     autocast,
     collate,
@@ -112,6 +112,10 @@ class Adapter:
     def windowing(self) -> Windowing:
         return Windowing.from_config(self.meta["config"])
 
+    @property
+    def task(self) -> Task:
+        return Task.from_meta(self.meta)
+
     def encode(self, texts: list[str]) -> TextRows:
         """The model rows of ``texts`` as at training time: one per text, or one per sliding window."""
         return self.windowing.encode(self.tokenizer, texts)
@@ -124,6 +128,7 @@ class Adapter:
             "base": base.get("hub_id") or base["name"],
             "method": self.meta["method"],
             "labels": self.class_names,
+            "task": self.task.kind,
             "max_length": self.max_length,
             "long_text": self.long_text,
             "shared_base": isinstance(self.runner, SharedBase),
@@ -375,10 +380,11 @@ class Registry:
         return self.adapters[name]
 
     def probabilities(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray | AdaptextError]:
-        """Class probabilities for each (adapter, texts) request; rows of one base run in shared batches.
+        """Class probabilities (or regression values: ``Task.scores``) for each (adapter, texts) request;
+        rows of one base run in shared batches.
 
         A text cut into sliding windows is several rows (of the shared batches, too); its rows' logits are
-        pooled back into one before softmax, as ``adaptext predict`` does. A request naming an adapter
+        pooled back into one before softmax or sigmoid, as ``adaptext predict`` does. A request naming an adapter
         unloaded meanwhile gets its error in place of a result.
         """
         results: list[np.ndarray | AdaptextError] = [np.zeros(0)] * len(requests)
@@ -399,7 +405,7 @@ class Registry:
                 shared.setdefault(id(adapter.runner), []).extend((r, name, ids) for ids in rows.ids)
             else:
                 logits = adapter.runner.logits(rows.ids, self.batch_size)
-                results[r] = softmax(adapter.windowing.pool_logits(logits, rows))
+                results[r] = adapter.task.scores(adapter.windowing.pool_logits(logits, rows))
         runners = {id(a.runner): a.runner for a in self.adapters.values()}
         for key, shared_rows in shared.items():
             logits = runners[key].logits([(name, ids) for _, name, ids in shared_rows], self.batch_size)
@@ -408,7 +414,7 @@ class Registry:
                 per_request.setdefault(r, []).append(row)  # in each request's row order
             for r, row_list in per_request.items():
                 adapter, rows = encoded[r]
-                results[r] = softmax(adapter.windowing.pool_logits(np.stack(row_list), rows))
+                results[r] = adapter.task.scores(adapter.windowing.pool_logits(np.stack(row_list), rows))
         return results
 
     def describe(self) -> list[dict[str, Any]]:
