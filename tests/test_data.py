@@ -136,7 +136,6 @@ BAD_INPUTS = {
     "missing_label": ("text,label\nhello,a\nyo,\nworld,a\nthere,b\n", "no label"),
     "unknown_text_column": ("blurb,label\nhello,a\nworld,b\nx,a\ny,b\n", "cannot tell which column holds the text"),
     "non_utf8": (b"text,label\ncaf\xe9,a\nbar,b\nbaz,a\nqux,b\n", "not valid utf-8"),
-    "float_labels": ("text,label\na,0.5\nb,1.5\nc,0.5\nd,1.5\n", "not a class"),
 }
 
 

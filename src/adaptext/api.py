@@ -327,10 +327,11 @@ def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.T
 
 
 def _warn_if_nothing_learned(
-    val: dict[str, Any], labels: list[Any], cfg: config.TrainConfig, echo: Callable, task: Task
+    val: dict[str, Any], labels: list[Any], cfg: config.TrainConfig, echo: Callable, task: Task | None = None
 ) -> None:
     """A model no better than a constant answer has diverged or learned nothing: say so, say what to try."""
     tip = f"training diverged or learned nothing; try a lower --lr (now {cfg.resolved_lr():g}) or more --epochs"
+    task = task or Task()
     if task.kind == "regression":
         if val["r2"] <= 0.0:
             echo(f"warning: validation R² {val['r2']:.3f} is no better than always predicting the mean: {tip}")
