@@ -168,13 +168,20 @@ def write_parquet(path: Path, columns: list[str], rows: list[dict[str, Any]], mo
 
 
 def check_dataset(ds: data.TextDataset) -> None:
-    assert len(ds.class_names) >= 2
+    """A loaded dataset is usable as is: texts valid, labels of the kind its task says, in range."""
+    n = len(ds.class_names)
+    assert n >= (1 if ds.task != "single-label" else 2) and (n == 1 or ds.task != "regression")
     for split in ds.splits.values():
         assert len(split.texts) == len(split.labels) > 0
         assert all(isinstance(t, str) and t.strip() for t in split.texts)
         for t in split.texts:
             t.encode("utf-8")  # tokenizers need valid Unicode
-        assert all(isinstance(i, int) and 0 <= i < len(ds.class_names) for i in split.labels)
+        if ds.task == "regression":
+            assert all(isinstance(v, float) and math.isfinite(v) for v in split.labels)
+        elif ds.task == "multi-label":
+            assert all(row == sorted(set(row)) and all(0 <= i < n for i in row) for row in split.labels)
+        else:
+            assert all(isinstance(i, int) and 0 <= i < n for i in split.labels)
 
 
 # ------------------------------------------------------------------ the loaders
@@ -372,15 +379,20 @@ def assert_exit_0_or_one_error(result) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
-def test_cli_train_on_a_multi_label_file_exits_2_and_writes_nothing(tiny_models, tmp_path):
-    # A Parquet list column as labels (a multi-label file) used to end in a numpy ValueError traceback.
+def test_cli_list_labels_train_multi_label_and_refuse_single_label_cleanly(tiny_models, tmp_path):
+    # A Parquet list column as labels used to end in a numpy ValueError traceback; now it is a
+    # multi-label file, and --task single-label refuses it in one line, writing nothing.
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"text": ["a b", "c d", "e f", "g h"], "label": [[0, 1], [1], [0], [1, 0]]}), path)
     out = tmp_path / "out"
-    result = run_cli("train", "--data", str(path), "--model", str(tiny_models["bert"]), "--output", str(out))
+    model = ["--model", str(tiny_models["bert"]), "--epochs", "1", "--quiet"]
+    result = run_cli("train", "--data", str(path), *model, "--task", "single-label", "--output", str(out))
     assert_exit_0_or_one_error(result)
-    assert result.returncode == 2 and "not a single label" in result.stderr
+    assert result.returncode == 2 and "not a single label" in result.stderr and "--task multi-label" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.parquet"]  # no output, partial or not
+    result = run_cli("train", "--data", str(path), *model, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "adaptext.json").read_text())["task"]["kind"] == "multi-label"
 
 
 def test_cli_predict_odd_inputs_write_all_or_nothing(classifier, tmp_path):
