@@ -47,6 +47,7 @@ def _int_list(value: str) -> list[int]:
 
 
 COMMAND_KEYS = ("command", "config", "func", "quiet", "preset", "methods", "seeds", "set")
+TUNE_KEYS = ("trials", "timeout", "study_name", "storage", "pruner", "space", "sampler_seed")
 
 
 def gather_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -54,8 +55,13 @@ def gather_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     values = config.load_preset(args.preset) if getattr(args, "preset", None) else {}
     if args.config:
         values.update(config.load_file(args.config))
-    values.update({k: v for k, v in vars(args).items() if k not in COMMAND_KEYS})
+    values.update(given_flags(args))
     return config.split_study(values)
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options typed on the command line (unset flags are absent: argparse.SUPPRESS)."""
+    return {k: v for k, v in vars(args).items() if k not in COMMAND_KEYS + TUNE_KEYS}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,6 +112,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
         output=output,
     )
     compare.run_study(plan, progress=not args.quiet)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from adaptext import tune
+
+    values, _ = gather_options(args)  # a preset's compare arms (methods, seeds) do not apply to a search
+    base = config.validate(config.from_dict(values, source=args.config or "arguments"))
+    plan = tune.Plan(
+        base=base,
+        output=Path(base.output) if base.output else Path(),
+        trials=args.trials,
+        timeout=args.timeout,
+        study_name=args.study_name,
+        storage=args.storage,
+        pruner=args.pruner,
+        space_file=args.space,
+        sampler_seed=args.sampler_seed,
+        fixed=frozenset(given_flags(args)),
+    )
+    tune.run_study(plan, progress=not args.quiet)
     return 0
 
 
@@ -276,7 +303,11 @@ def _csv_rows(texts: list[str], results: list[dict[str, Any]], class_names: list
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="start from a shipped recipe: " + ", ".join(config.preset_names()))
+    p.add_argument(
+        "--preset",
+        help="start from a shipped recipe (" + ", ".join(config.preset_names()) + ") or a .yaml file such as "
+        "a tune study's best.yaml",
+    )
     p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(p)
@@ -325,6 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=cmd_compare)
+
+    help_text = "search hyper-parameters with Optuna (SQLite study, resumable, median pruning); best config as a preset"
+    p = sub.add_parser("tune", help=help_text, description=help_text)
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study should have (default 20)")
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    p.add_argument("--study-name", help="Optuna study name (default: the output directory's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT/study.db)")
+    p.add_argument(
+        "--pruner", default="median", choices=("median", "none"), help="stop trials worse than the median (default)"
+    )
+    p.add_argument(
+        "--space",
+        metavar="FILE",
+        help="YAML of searched options, e.g. lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}; "
+        "merged over the default space (option: null drops one)",
+    )
+    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: --seed)")
+    _add_common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split or file")
     p.add_argument("--model", required=True, help="output directory of adaptext train")

@@ -435,13 +435,22 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A shipped recipe (``adaptext/presets/NAME.yaml``) as a mapping of options; ``description`` dropped."""
+    """A shipped recipe (``adaptext/presets/NAME.yaml``), or a YAML file of options such as a tune
+    study's ``best.yaml``, as a mapping of options; ``description`` dropped."""
     from importlib.resources import files
 
+    if name.endswith((".yaml", ".yml", ".json")) or "/" in name or "\\" in name:
+        if not Path(name).is_file():
+            raise AdaptextError(
+                f"preset file {name!r} not found; give a shipped preset ({', '.join(preset_names())}) or a .yaml file"
+            )
+        values = load_file(name)
+        values.pop("description", None)
+        return values
     if name not in preset_names():
         hint = difflib.get_close_matches(name, preset_names(), n=1)
         fix = f"did you mean {hint[0]!r}?" if hint else "choose from " + ", ".join(preset_names())
-        raise AdaptextError(f"unknown preset {name!r}; {fix}")
+        raise AdaptextError(f"unknown preset {name!r}; {fix} (or give the path of a .yaml file of options)")
     values = yaml.safe_load(files("adaptext").joinpath("presets", f"{name}.yaml").read_text(encoding="utf-8"))
     values.pop("description", None)
     return values

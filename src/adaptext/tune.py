@@ -1,0 +1,640 @@
+"""`adaptext tune`: a hyper-parameter search with Optuna, resumable, pruned on validation metrics.
+
+Each trial is an ordinary ``adaptext train`` run, in this process (pruning needs its evaluations as
+they happen), written to ``OUTPUT/trials/NNNN``. Every validation record is reported to Optuna
+(step = the evaluation's index) and the median pruner stops trials that are worse than the finished
+ones at the same point. The objective is the best validation value of ``--metric``; test metrics
+are stored beside it but never steer the search.
+
+The study lives in SQLite (``OUTPUT/study.db`` by default), so re-running the same command continues
+it up to ``--trials``. One process runs a study at a time (it holds ``OUTPUT/.tune.lock``), so a
+trial found RUNNING at the start belongs to a process that died: it is marked failed and its
+parameters are tried again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import difflib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptext import config
+from adaptext.checkpoint import FREE_OPTIONS
+from adaptext.errors import AdaptextError
+
+MARKER = "tune.json"
+LOCK = ".tune.lock"
+PRUNERS = ("median", "none")
+LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae")
+NOT_SAVED = ("output", "overwrite", "resume")  # where a trial was written; best.yaml leaves them to the user
+
+# What the rank- and dropout-shaped options mean per method (see models._peft_config).
+R_METHODS = ("lora", "dora", "rslora", "adalora", "loha", "lokr")
+DROPOUT_METHODS = ("lora", "dora", "rslora", "adalora", "vera")
+# Options a space file may search, and the methods each applies to (None: every method).
+# alpha_per_r is not an option: it sets lora_alpha = alpha_per_r x lora_r, so alpha follows the rank.
+SEARCHABLE: dict[str, tuple[str, ...] | None] = {
+    "lr": None, "epochs": None, "batch_size": None, "grad_accum": None, "weight_decay": None,
+    "warmup_ratio": None, "warmup_steps": None, "scheduler": None, "max_grad_norm": None, "loss": None,
+    "focal_gamma": None, "class_weights": None, "max_length": None,
+    "lora_r": R_METHODS, "lora_alpha": R_METHODS, "alpha_per_r": R_METHODS, "lora_dropout": DROPOUT_METHODS,
+    "use_dora": ("lora", "rslora"), "use_rslora": ("lora", "dora"), "top_layers": config.TOP_LAYER_METHODS,
+    "vera_r": ("vera",), "virtual_tokens": ("prompt", "prefix", "ptuning"), "target_modules": R_METHODS + ("ia3", "vera"),
+}  # fmt: skip
+RANGE_KEYS = ("type", "low", "high", "log", "step")
+CATEGORICAL_KEYS = ("type", "choices")
+
+
+def direction(metric: str) -> str:
+    """'minimize' for error-like metrics (loss, mse, rmse, mae), 'maximize' for scores (accuracy, F1...)."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def require_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise AdaptextError(
+            "adaptext tune needs optuna: pip install 'adaptext[tune]' (or pip install optuna)"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # adaptext prints one line per trial itself
+    return optuna
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One searched option: a float or int range (optionally log-scaled or stepped), or a list of choices."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what this dimension can give (every choice, or both ends)."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.type == "categorical":
+            return {"type": self.type, "choices": list(self.choices)}
+        out = {"type": self.type, "low": self.low, "high": self.high, "log": self.log}
+        return out if self.step is None else {**out, "step": self.step}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A study: the options every trial shares, what is searched, and where it all goes."""
+
+    base: config.TrainConfig
+    output: Path
+    trials: int = 20
+    timeout: float | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    pruner: str = "median"
+    space_file: str | None = None
+    sampler_seed: int | None = None
+    fixed: frozenset[str] = frozenset()  # options given on the command line: never searched
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def top_layer_choices(depth: int) -> list[int]:
+    """0 (every layer) and a few top-K spans that fit the model: 1, 2, a third, half, two thirds."""
+    return [0] + sorted({k for k in (1, 2, depth // 3, depth // 2, 2 * depth // 3) if 0 < k < depth})
+
+
+def default_space(base: config.TrainConfig, depth: int, fixed: frozenset[str]) -> dict[str, Dimension]:
+    """What is searched unless a space file says otherwise: only what applies to the method, and
+    nothing the command line fixed. The learning rate spans x0.2..x5 around the method's default
+    (or the preset's / config file's value)."""
+    lr = base.resolved_lr()
+    space = {"lr": Dimension("float", low=lr * 0.2, high=min(lr * 5, 0.5), log=True)}
+    if base.method in R_METHODS:
+        space["lora_r"] = Dimension("categorical", choices=(4, 8, 16, 32))
+        space["alpha_per_r"] = Dimension("categorical", choices=(1, 2, 4))
+    if base.method in DROPOUT_METHODS:
+        space["lora_dropout"] = Dimension("float", low=0.0, high=0.3)
+    if base.method in config.TOP_LAYER_METHODS and not base.layers and len(top_layer_choices(depth)) > 1:
+        space["top_layers"] = Dimension("categorical", choices=tuple(top_layer_choices(depth)))
+    if "lora_alpha" in fixed:
+        space.pop("alpha_per_r", None)
+    return {name: dim for name, dim in space.items() if name not in fixed}
+
+
+def read_space_file(path: str) -> dict[str, Dimension | None]:
+    """A YAML mapping ``option: {type: float|int|categorical, low, high, log, step, choices}``;
+    ``option: null`` drops a default dimension (the option keeps its fixed value)."""
+    where = f"space file {path!r}"
+    if not Path(path).is_file():
+        raise AdaptextError(f"{where} not found; check the path given to --space")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise AdaptextError(f"{where} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise AdaptextError(
+            f"{where} must hold a mapping of option: {{type: float, low: 0.0001, high: 0.01, log: true}}"
+        )
+    return {
+        str(name).replace("-", "_"): _dimension(where, str(name).replace("-", "_"), spec) for name, spec in raw.items()
+    }
+
+
+def _dimension(where: str, name: str, spec: Any) -> Dimension | None:
+    if name not in SEARCHABLE:
+        hint = difflib.get_close_matches(name, SEARCHABLE, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "searchable: " + ", ".join(SEARCHABLE)
+        raise AdaptextError(f"{where}: unknown option {name!r}; {fix}")
+    if spec is None:
+        return None
+    where = f"{where}: {name}"
+    if not isinstance(spec, dict):
+        raise AdaptextError(f"{where} must be a mapping such as {{type: float, low: 0.0001, high: 0.01, log: true}}")
+    kind = spec.get("type")
+    if kind not in ("float", "int", "categorical"):
+        raise AdaptextError(f"{where}: type must be float, int or categorical (got {kind!r})")
+    allowed = CATEGORICAL_KEYS if kind == "categorical" else RANGE_KEYS
+    unknown = [str(k) for k in spec if k not in allowed]
+    if unknown:
+        raise AdaptextError(f"{where}: unknown key {unknown[0]!r}; a {kind} dimension takes {', '.join(allowed)}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise AdaptextError(f"{where}: choices must be a non-empty list, e.g. choices: [4, 8, 16]")
+        if any(c is not None and not isinstance(c, (str, int, float, bool)) for c in choices):
+            raise AdaptextError(f"{where}: each choice must be a single value (a number, word, true/false or null)")
+        if len({json.dumps(c) for c in choices}) < len(choices):
+            raise AdaptextError(f"{where}: choices repeat; list each value once")
+        return Dimension("categorical", choices=tuple(choices))
+    numbers = {k: spec.get(k) for k in ("low", "high", "step") if spec.get(k) is not None}
+    for key, value in numbers.items():
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if bad or (kind == "int" and not float(value).is_integer()):
+            raise AdaptextError(f"{where}: {key} must be {'a whole' if kind == 'int' else 'a'} number (got {value!r})")
+    low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
+    if low is None or high is None or not low < high:
+        raise AdaptextError(f"{where}: give low and high with low < high (got low {low!r}, high {high!r})")
+    if not isinstance(log, bool):
+        raise AdaptextError(f"{where}: log must be true or false (got {log!r})")
+    if log and low <= 0:
+        raise AdaptextError(f"{where}: a log scale needs low > 0 (got {low!r})")
+    if step is not None and (step <= 0 or log):
+        raise AdaptextError(f"{where}: step must be > 0 and cannot be combined with log: true")
+    cast = int if kind == "int" else float
+    return Dimension(kind, low=cast(low), high=cast(high), log=log, step=None if step is None else cast(step))
+
+
+def build_space(plan: Plan, depth: int) -> dict[str, Dimension]:
+    """The default space merged with the space file, every dimension checked against the method and model."""
+    space = default_space(plan.base, depth, plan.fixed)
+    overrides = read_space_file(plan.space_file) if plan.space_file else {}
+    where = f"space file {plan.space_file!r}" if plan.space_file else "search space"
+    for name, dim in overrides.items():
+        if dim is None:
+            space.pop(name, None)
+            continue
+        if name in plan.fixed or (name == "alpha_per_r" and "lora_alpha" in plan.fixed):
+            flag = "--" + ("lora_alpha" if name == "alpha_per_r" else name).replace("_", "-")
+            raise AdaptextError(f"{where}: {name} is also fixed on the command line ({flag}); drop one of them")
+        methods = SEARCHABLE[name]
+        if methods is not None and plan.base.method not in methods:
+            raise AdaptextError(
+                f"{where}: {name} does not apply to --method {plan.base.method} (only to {', '.join(methods)}); "
+                "remove it from the file"
+            )
+        space[name] = dim
+    if "lora_alpha" in overrides and overrides["lora_alpha"] is not None:
+        if "alpha_per_r" in overrides and overrides["alpha_per_r"] is not None:
+            raise AdaptextError(f"{where}: lora_alpha and alpha_per_r both set lora_alpha; keep one of them")
+        space.pop("alpha_per_r", None)
+    if "top_layers" in space and plan.base.layers:
+        raise AdaptextError(f"{where}: top_layers and the fixed --layers both choose layers; drop one of them")
+    for name, dim in space.items():
+        for value in dim.extremes():
+            if name == "top_layers" and value is not None and isinstance(value, (int, float)) and value > depth:
+                raise AdaptextError(f"{where}: top_layers {value} is more than the model's {depth} layers")
+            if name == "alpha_per_r":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise AdaptextError(f"{where}: alpha_per_r values must be numbers > 0 (got {value!r})")
+                continue
+            try:
+                trial_options(plan.base, {name: value}, Path("."))
+            except AdaptextError as exc:
+                raise AdaptextError(f"{where}: {name} {value!r}: {exc}") from None
+    return space
+
+
+def option_value(name: str, value: Any) -> Any:
+    if name == "top_layers" and value == 0:
+        return None  # 0 = every layer, written as the default
+    if name == "target_modules" and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def trial_options(base: config.TrainConfig, params: dict[str, Any], folder: Path) -> config.TrainConfig:
+    """One trial's full training config: the shared options with the sampled values in place."""
+    values = base.to_dict()
+    values.update({name: option_value(name, v) for name, v in params.items() if name != "alpha_per_r"})
+    if "alpha_per_r" in params:
+        values["lora_alpha"] = max(1, round(values["lora_r"] * params["alpha_per_r"]))
+    values.update(output=str(folder), overwrite=True, resume=False)
+    return config.validate(config.from_dict(values, source="search space"))
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def trial_dir(output: Path, number: int) -> Path:
+    return output / "trials" / f"{number:04d}"
+
+
+def check_plan(plan: Plan) -> None:
+    """Everything that can be refused before any file is written or any data read."""
+    base = plan.base
+    if not base.output:
+        raise AdaptextError("adaptext tune needs --output DIR: the study lives there and re-running it resumes")
+    if base.resume:
+        raise AdaptextError("adaptext tune resumes by itself: re-run the same command without --resume")
+    if base.overwrite:
+        raise AdaptextError("adaptext tune does not take --overwrite; remove the output directory to start a new study")
+    if base.epochs <= 0:
+        raise AdaptextError(f"--epochs {base.epochs}: a trial must train (epochs > 0) to be scored")
+    if isinstance(plan.trials, bool) or not isinstance(plan.trials, int) or plan.trials < 1:
+        raise AdaptextError(f"--trials must be at least 1 (got {plan.trials})")
+    if plan.timeout is not None and not plan.timeout > 0:
+        raise AdaptextError(f"--timeout must be > 0 seconds (got {plan.timeout})")
+    if plan.pruner not in PRUNERS:
+        raise AdaptextError(f"--pruner {plan.pruner!r} is not one of {', '.join(PRUNERS)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise AdaptextError("adaptext tune runs its trials in one process; start it without torchrun")
+    if plan.storage is not None:
+        storage_url(plan)
+    output = plan.output
+    if output.exists() and not output.is_dir():
+        raise AdaptextError(f"output {str(output)!r} is a file; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
+        raise AdaptextError(
+            f"output directory {str(output)!r} exists and is not an adaptext tune directory; choose another --output"
+        )
+    if not output.resolve().parent.is_dir():
+        raise AdaptextError(f"cannot write {str(output)!r}: folder {str(output.resolve().parent)!r} does not exist")
+
+
+def storage_url(plan: Plan) -> str:
+    """--storage as given (any SQLAlchemy URL Optuna accepts), or SQLite in the output directory."""
+    if plan.storage is None:
+        return f"sqlite:///{(plan.output / 'study.db').resolve()}"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    fix = "use sqlite:///path/to/study.db (or another SQLAlchemy database URL)"
+    try:
+        url = make_url(plan.storage)
+    except (ArgumentError, ValueError):
+        raise AdaptextError(f"--storage {plan.storage!r} is not a database URL; {fix}") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).expanduser().resolve().parent
+        if not folder.is_dir() and folder != plan.output.resolve():
+            raise AdaptextError(f"--storage {plan.storage!r}: folder {str(folder)!r} does not exist; {fix}")
+    return plan.storage
+
+
+def _identity(plan: Plan, name: str) -> dict[str, Any]:
+    """What makes trials comparable: every training option that changes a result, and where the study is."""
+    options = {k: v for k, v in plan.base.to_dict().items() if k not in FREE_OPTIONS}
+    return json.loads(json.dumps({"options": options, "study_name": name, "storage": plan.storage}))
+
+
+@contextlib.contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    """One process per study: the lock dies with its process, so a killed run never blocks the next."""
+    import fcntl
+
+    with (output / LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AdaptextError(
+                f"another adaptext tune is running the study in {output}; wait for it, then re-run"
+            ) from None
+        yield
+
+
+def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study up to ``plan.trials`` finished trials; write trials.csv, best.yaml, best."""
+    optuna = require_optuna()
+    check_plan(plan)
+    depth = _check_inputs(plan.base)
+    space = build_space(plan, depth)
+    url = storage_url(plan)
+    metric, goal = plan.base.metric, direction(plan.base.metric)
+    marker = plan.output / MARKER
+    saved = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    # The default name is the output's at the study's start: a study moved to another folder keeps it.
+    name = plan.study_name or (saved or {}).get("study_name") or plan.output.resolve().name
+    identity = _identity(plan, name)
+    searched = {option: dim.to_dict() for option, dim in space.items()}
+    if saved is not None:
+        _check_same_study(plan.output, saved, identity, searched)
+    (plan.output / "trials").mkdir(parents=True, exist_ok=True)
+    (plan.output / "logs").mkdir(exist_ok=True)
+    with _locked(plan.output):
+        try:
+            study = optuna.create_study(
+                storage=url, study_name=name, direction=goal, load_if_exists=True, pruner=_pruner(plan)
+            )
+        except Exception as exc:  # noqa: BLE001 — a driver, a path, a locked or foreign database: one line
+            raise AdaptextError(f"--storage {url!r}: cannot open the study ({_first_line(exc)})") from None
+        if study.direction.name.lower() != goal:
+            raise AdaptextError(
+                f"study {name!r} in {url} is set to {study.direction.name.lower()}, but --metric {metric} needs "
+                f"{goal}; pass another --study-name"
+            )
+        results = {"results": saved["results"]} if saved and "results" in saved else {}
+        _write_json(marker, {"identity": identity, "space": searched, "study_name": name, "metric": metric,
+                             "direction": goal, "storage": url, **results})  # fmt: skip
+        _recover(optuna, study, plan.output, echo)
+        # Seeded by how many trials the study has: a resumed run must not replay the first run's samples.
+        seed = plan.sampler_seed if plan.sampler_seed is not None else plan.base.seed
+        study.sampler = optuna.samplers.TPESampler(seed=(seed + len(study.trials)) % 2**32)
+        _search(optuna, study, plan, space, echo, progress)
+        return _finish(optuna, study, plan, echo)
+
+
+def _check_inputs(base: config.TrainConfig) -> int:
+    """Resolve the model and load the data once up front (a bad input fails before any trial); the depth."""
+    from transformers import AutoConfig
+
+    from adaptext import data, models
+
+    models.quiet_transformers()
+    source = models.resolve_model(base.model)
+    try:
+        model_config = AutoConfig.from_pretrained(source.path)
+    except Exception as exc:  # noqa: BLE001 — the same one line as a failed training load
+        raise models._load_error(source, exc) from None
+    data.load_training_data(base)
+    for key in ("num_hidden_layers", "n_layers", "n_layer"):
+        if isinstance(getattr(model_config, key, None), int):
+            return getattr(model_config, key)
+    return 1  # depth unknown: top_layers is not searched
+
+
+def _pruner(plan: Plan) -> Any:
+    import optuna
+
+    if plan.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # A trial is judged against the finished ones only after a few have finished (a fifth of the study,
+    # 2 to 5) and never before half an epoch (the first evaluations of a higher lr are noisy).
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=min(5, max(2, plan.trials // 5)), n_warmup_steps=plan.base.evals_per_epoch // 2
+    )
+
+
+def _recover(optuna: Any, study: Any, output: Path, echo: Callable[[str], None]) -> None:
+    """Trials a killed run left RUNNING are failed and queued again with their parameters; leftovers go."""
+    running = optuna.trial.TrialState.RUNNING
+    for frozen in study.get_trials(deepcopy=False, states=(running,)):
+        study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number})
+        echo(f"trial {frozen.number} was interrupted; its parameters are queued to run again")
+    complete = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    folder = output / "trials"
+    for path in folder.iterdir() if folder.is_dir() else []:
+        # staging directories of a killed trial, checkpoints of pruned/failed ones
+        if path.name.startswith(".") or not (path.name.isdigit() and int(path.name) in complete):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _finished(optuna: Any, study: Any) -> list[Any]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _search(optuna: Any, study: Any, plan: Plan, space: dict[str, Dimension], echo: Callable, progress: bool) -> None:
+    done = len(_finished(optuna, study))
+    if done >= plan.trials:
+        echo(f"study {study.study_name}: {done} trials finished already (--trials {plan.trials}): nothing to run")
+        return
+    searched = ", ".join(f"{n} {_describe(d)}" for n, d in space.items()) or "nothing (every option is fixed)"
+    echo(f"study {study.study_name}: {done} of {plan.trials} trials finished; searching {searched}")
+    started = time.perf_counter()
+    for _ in range(plan.trials - done):  # one attempt per missing trial: a failed one is left to the next run
+        if plan.timeout is not None and time.perf_counter() - started >= plan.timeout:
+            echo(f"--timeout {plan.timeout:g} s reached; re-run to continue the study")
+            break
+        _run_trial(optuna, study, plan, space, echo, progress)
+
+
+def _run_trial(
+    optuna: Any, study: Any, plan: Plan, space: dict[str, Dimension], echo: Callable, progress: bool
+) -> None:
+    from adaptext import api
+
+    trial = study.ask()
+    folder = trial_dir(plan.output, trial.number)
+    metric = plan.base.metric
+    params: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+
+    def on_eval(record: dict[str, Any]) -> None:
+        records.append(record)
+        trial.report(record[metric], step=len(records) - 1)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    started = time.perf_counter()
+    outcome = None
+    try:
+        params.update({name: dim.suggest(trial, name) for name, dim in space.items()})
+        cfg = trial_options(plan.base, params, folder)
+        trial.set_user_attr("config", json.loads(json.dumps(cfg.to_dict())))
+        trial.set_user_attr("dir", str(folder.relative_to(plan.output)))
+        # The trial's own output (data, model, evaluation lines) goes to its log; the console gets one line.
+        with (plan.output / "logs" / f"{folder.name}.log").open("w", encoding="utf-8") as log:
+            with contextlib.redirect_stdout(log):
+                outcome = api.train(cfg, progress=progress, on_eval=on_eval)
+    except optuna.TrialPruned:
+        pass
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if isinstance(exc, KeyboardInterrupt):  # an interrupted trial is tried again with its parameters
+            study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+        echo(f"{_label(trial.number, params)}: failed ({_first_line(exc) or type(exc).__name__})")
+        raise
+    label = _label(trial.number, params)
+    seconds = time.perf_counter() - started
+    trial.set_user_attr("seconds", round(seconds, 2))
+    trial.set_user_attr("epochs", records[-1]["epoch"] if records else 0.0)  # how far it got
+    if outcome is None:
+        shutil.rmtree(folder, ignore_errors=True)  # its checkpoint, if one was taken
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        last = records[-1]  # pruning happens in on_eval, so there is one
+        echo(f"{label}: pruned at epoch {last['epoch']:.2f} ({metric} {last[metric]:.4f}, {seconds:.0f} s)")
+        return
+    best = outcome.metrics["best"]
+    trial.set_user_attr("validation", best)
+    test = outcome.metrics.get("test") or {}
+    trial.set_user_attr("test", {k: v for k, v in test.items() if isinstance(v, (int, float))})
+    value = float(best[metric])
+    if not math.isfinite(value):
+        shutil.rmtree(folder, ignore_errors=True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        echo(f"{label}: failed (validation {metric} is {value}: training diverged)")
+        return
+    study.tell(trial, value)
+    mark = "  * best so far" if study.best_trial.number == trial.number else ""
+    echo(f"{label}: {metric} {value:.4f} at epoch {best['epoch']:.2f} ({seconds:.0f} s){mark}")
+
+
+def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
+    """trials.csv, the table, best.yaml and the ``best`` link; the results in tune.json."""
+    output, metric = plan.output, plan.base.metric
+    trials = study.get_trials(deepcopy=False)
+    names = list(dict.fromkeys(n for t in trials for n in t.params))
+    rows = [
+        {"number": t.number, "state": t.state.name.lower(), "value": t.value, **{n: t.params.get(n) for n in names},
+         "epochs": t.user_attrs.get("epochs"), "seconds": t.user_attrs.get("seconds")}
+        for t in trials if t.state != optuna.trial.TrialState.WAITING
+    ]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["number", "state", "value", *names, "epochs", "seconds"])
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(output / "trials.csv", buffer.getvalue())
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    echo(_table(rows, names, metric, best.number if best else None))
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
+    results: dict[str, Any] = {"trials": len(rows), **counts, "best": None}
+    if best is None:
+        echo(f"no trial finished; see {output / 'logs'}")
+    else:
+        best_dir = output / best.user_attrs["dir"]
+        options = {k: v for k, v in best.user_attrs["config"].items() if k not in NOT_SAVED}
+        header = (
+            f"# adaptext tune, study {study.study_name}: best of {counts['complete']} complete trials "
+            f"({counts['pruned']} pruned)\n# trial {best.number}: validation {metric} {best.value:.6g}; "
+            f"model in {best_dir}\n# re-run: adaptext train --config best.yaml --output DIR (or --preset best.yaml)\n"
+        )
+        _write_text(output / "best.yaml", header + yaml.safe_dump(options, sort_keys=False))
+        _link(output / "best", Path(best.user_attrs["dir"]))
+        test = best.user_attrs.get("test") or {}
+        results["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                           "dir": best.user_attrs["dir"], "validation": best.user_attrs.get("validation"), "test": test}  # fmt: skip
+        tested = f"; test {metric} {test[metric]:.4f}" if metric in test else ""
+        echo(f"best: trial {best.number}, validation {metric} {best.value:.4f}{tested} -> {output / 'best.yaml'}")
+    unfinished = plan.trials - counts["complete"] - counts["pruned"]
+    if unfinished > 0:
+        echo(f"{unfinished} of {plan.trials} trials still to run: re-run the same command to continue")
+    marker = output / MARKER
+    _write_json(marker, {**json.loads(marker.read_text(encoding="utf-8")), "results": results})
+    return results
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _table(rows: list[dict[str, Any]], names: list[str], metric: str, best: int | None) -> str:
+    header = ["trial", "state", metric, *names, "epochs", "seconds"]
+    body = [
+        [f"{r['number']}{'*' if r['number'] == best else ''}", r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
+         *(_show(r[n]) for n in names), _show(r["epochs"]), _show(r["seconds"] and round(r["seconds"]))]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [header, *body])
+
+
+def _label(number: int, params: dict[str, Any]) -> str:
+    return f"trial {number} " + " ".join(f"{n}={_show(v)}" for n, v in params.items())
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _describe(dim: Dimension) -> str:
+    if dim.type == "categorical":
+        return "{" + ",".join(_show(c) for c in dim.choices) + "}"
+    return f"[{_show(dim.low)}, {_show(dim.high)}]" + (" log" if dim.log else "")
+
+
+def _check_same_study(output: Path, saved: dict[str, Any], identity: dict[str, Any], space: dict[str, Any]) -> None:
+    """A resumed study keeps its options (else its trials are not comparable) and its search space (Optuna's
+    TPE sampler refuses a categorical dimension whose choices changed)."""
+
+    def flat(ident: dict[str, Any]) -> dict[str, Any]:
+        return {**ident["options"], **{k: v for k, v in ident.items() if k != "options"}}
+
+    old, new = flat(saved["identity"]), flat(identity)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise AdaptextError(
+            f"{output} holds a study of other options ({diff}); re-run with the same options or choose another --output"
+        )
+    changed = sorted(k for k in set(saved["space"]) | set(space) if saved["space"].get(k) != space.get(k))
+    if changed:
+        raise AdaptextError(
+            f"{output} holds a study with another search space (changed: {', '.join(changed)}); re-run with the "
+            "same --space and flags, or start a new study in another --output"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _link(path: Path, target: Path) -> None:
+    """``OUTPUT/best`` -> ``trials/NNNN``, swapped in atomically; skipped where symlinks are not allowed."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp, target_is_directory=True)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
