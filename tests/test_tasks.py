@@ -306,3 +306,20 @@ def test_serve_answers_every_task_from_one_shared_base(trained, tiny_models, top
                         assert got["probabilities"][label] == pytest.approx(p, abs=2e-5)
     finally:
         server.stop()
+
+
+def test_tune_searches_a_regression_study_on_rmse(tiny_models, mixed_dir, tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    from adaptext import cli
+
+    out = tmp_path / "study"
+    # fmt: off
+    code = cli.main(["tune", "--data", str(mixed_dir), "--label-column", "score", "--model", str(tiny_models["bert"]),
+                     "--output", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--trials", "2",
+                     "--quiet"])
+    # fmt: on
+    assert code == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.direction.name == "MINIMIZE" and len(study.trials) == 2  # --metric auto: rmse, lower is better
+    best = json.loads((out / "best" / "metrics.json").read_text())["best"]
+    assert study.best_value == pytest.approx(best["rmse"]) and "validation rmse" in capsys.readouterr().out

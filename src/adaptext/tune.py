@@ -33,11 +33,11 @@ import yaml
 from adaptext import config
 from adaptext.checkpoint import FREE_OPTIONS
 from adaptext.errors import AdaptextError
+from adaptext.tasks import Task, lower_is_better
 
 MARKER = "tune.json"
 LOCK = ".tune.lock"
 PRUNERS = ("median", "none")
-LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae")
 NOT_SAVED = ("output", "overwrite", "resume")  # where a trial was written; best.yaml leaves them to the user
 
 # What the rank- and dropout-shaped options mean per method (see models._peft_config).
@@ -59,7 +59,7 @@ CATEGORICAL_KEYS = ("type", "choices")
 
 def direction(metric: str) -> str:
     """'minimize' for error-like metrics (loss, mse, rmse, mae), 'maximize' for scores (accuracy, F1...)."""
-    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    return "minimize" if lower_is_better(metric) else "maximize"
 
 
 def require_optuna() -> Any:
@@ -350,7 +350,9 @@ def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = 
     """Run (or resume) the study up to ``plan.trials`` finished trials; write trials.csv, best.yaml, best."""
     optuna = require_optuna()
     check_plan(plan)
-    depth = _check_inputs(plan.base)
+    depth, task = _check_inputs(plan.base)
+    # --metric auto means the task's usual metric (accuracy, micro_f1, rmse): the study needs its name.
+    plan.base.metric = Task(task).resolve_metric(plan.base.metric)
     space = build_space(plan, depth)
     url = storage_url(plan)
     metric, goal = plan.base.metric, direction(plan.base.metric)
@@ -387,8 +389,9 @@ def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = 
         return _finish(optuna, study, plan, echo)
 
 
-def _check_inputs(base: config.TrainConfig) -> int:
-    """Resolve the model and load the data once up front (a bad input fails before any trial); the depth."""
+def _check_inputs(base: config.TrainConfig) -> tuple[int, str]:
+    """Resolve the model and load the data once up front (a bad input fails before any trial): the model's
+    depth and the data's task."""
     from transformers import AutoConfig
 
     from adaptext import data, models
@@ -399,11 +402,11 @@ def _check_inputs(base: config.TrainConfig) -> int:
         model_config = AutoConfig.from_pretrained(source.path)
     except Exception as exc:  # noqa: BLE001 — the same one line as a failed training load
         raise models._load_error(source, exc) from None
-    data.load_training_data(base)
+    task = data.load_training_data(base).task
     for key in ("num_hidden_layers", "n_layers", "n_layer"):
         if isinstance(getattr(model_config, key, None), int):
-            return getattr(model_config, key)
-    return 1  # depth unknown: top_layers is not searched
+            return getattr(model_config, key), task
+    return 1, task  # depth unknown: top_layers is not searched
 
 
 def _pruner(plan: Plan) -> Any:
