@@ -139,6 +139,8 @@ def _train(
     model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
     if task.kind == "regression":
         task = _target_scale(model, train_labels, echo)
+    if task.kind == "multi-label":
+        tasks.init_label_priors(model, train_labels, dataset.num_labels)
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")

@@ -264,19 +264,35 @@ def make_loss(
 # ---------------------------------------------------------------- regression heads
 
 
-def output_layer(model: nn.Module) -> nn.Linear:
-    """A regression head's trained output layer: the one trainable ``Linear`` of width 1."""
+def output_layer(model: nn.Module, width: int = 1) -> nn.Linear:
+    """The head's trained output layer: the one trainable ``Linear`` with ``width`` outputs (1 for regression)."""
     last = [
         module
         for module in model.modules()
-        if isinstance(module, nn.Linear) and module.out_features == 1 and module.weight.requires_grad
+        if isinstance(module, nn.Linear) and module.out_features == width and module.weight.requires_grad
     ]
     if len(last) != 1:
         raise AdaptextError(
-            f"regression: expected one trained output layer of width 1 in the head, found {len(last)}; "
-            "this architecture's head is not supported for regression"
+            f"expected one trained output layer of width {width} in the head, found {len(last)}; "
+            "this architecture's head is not supported for multi-label or regression training"
         )
     return last[0]
+
+
+def init_label_priors(model: nn.Module, labels: Sequence[Sequence[int]], num_labels: int) -> None:
+    """Start a multi-label head at each class's base rate: output bias = logit(share of rows with the
+    class). A fresh head says 0.5 for every class, and most (row, class) cells are negatives, so BCE
+    would spend its first epochs learning the rates; from the rates it learns the texts at once.
+    (A head without a bias, GPT-2's ``score``, starts at 0.5.)"""
+    layer = output_layer(model, num_labels)
+    if layer.bias is None:
+        return
+    positives = np.zeros(num_labels)
+    for ids in labels:
+        positives[list(ids)] += 1
+    rate = np.clip(positives / max(len(labels), 1), 1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor(np.log(rate / (1 - rate)), dtype=layer.bias.dtype))
 
 
 def fold_target_scale(model: nn.Module, mean: float, std: float) -> None:

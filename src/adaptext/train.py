@@ -283,7 +283,14 @@ def train_loop(
                         )
                         if val_pool is not None:
                             val_logits = val_pool(val_logits)
-                        metrics = task.metrics(val_labels, task.in_training_units(val_logits), class_names, brief=True)
+                        # Multi-label: thresholds tuned on these rows, as they will be for the saved model, so
+                        # epochs compare by how well they separate the classes rather than by a fixed 0.5 cut.
+                        scored = task.with_tuned_thresholds(
+                            val_labels, val_logits, len(class_names), getattr(cfg, "threshold", None)
+                        )
+                        metrics = scored.metrics(
+                            val_labels, task.in_training_units(val_logits), class_names, brief=True
+                        )
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                         result.history.append(record)
                         _write(log, {"eval": record})
