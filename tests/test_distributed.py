@@ -90,3 +90,15 @@ def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_
     assert m2["train"]["resumed_from_step"] == 5
     assert m1["test"]["accuracy"] == m2["test"]["accuracy"]
     assert m1["test"]["loss"] == pytest.approx(m2["test"]["loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+)
+def test_a_sharded_accelerate_launch_is_refused_not_run_unsharded(monkeypatch, variable, engine):
+    from adaptext import distributed
+    from adaptext.errors import AdaptextError
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(AdaptextError, match=f"asked for {engine}.*does not shard"):
+        distributed.setup()

@@ -46,8 +46,23 @@ class Group:
         return rows[self.rank :: self.world] if self.active else rows
 
 
+# Set by ``accelerate launch`` when its config asks for sharded training.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
 def setup() -> Group:
-    """Join the process group torchrun described in the environment (no-op for a single process)."""
+    """Join the process group torchrun described in the environment (no-op for a single process).
+
+    A launch that asks for FSDP or DeepSpeed ZeRO is refused rather than silently run unsharded: every
+    process here holds the whole model, which an adapter run rarely outgrows (the frozen base is the
+    bulk, and bf16 MPNet-size bases fit any GPU), but a user who configured sharding should know."""
+    for variable, engine in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("true", "1"):
+            raise AdaptextError(
+                f"accelerate launch asked for {engine} ({variable}); adaptext trains data-parallel with the whole "
+                "model in every process and does not shard it: use an accelerate config without "
+                f"{engine} (multi-GPU), or torchrun"
+            )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Group()
