@@ -14,6 +14,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (-n 2: one worker per core) every process computes on one thread: two workers with
+# two OpenMP threads each on two cores spin against each other and run many times slower. Subprocesses
+# (the CLI, servers, torchrun) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402

@@ -44,4 +44,5 @@ def test_every_flag_in_readme_exists():
         known.update(re.findall(r"(--[a-z][a-z0-9-]+)", bench.stdout))
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
     launchers = {"--standalone", "--nproc", "--nnodes", "--node", "--rdzv", "--num"}  # torchrun / accelerate's own
-    assert used - known - launchers - {"--no-deps", "--quiet", "--upgrade", "--index-url"} == set()
+    pip_pytest = {"--no-deps", "--quiet", "--upgrade", "--index-url", "--dist"}  # pip's and pytest-xdist's own
+    assert used - known - launchers - pip_pytest == set()
