@@ -117,15 +117,11 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path, method: str, head
     tokenizer.save_pretrained(folder)
 
 
-@dataclass
-class LoadedModel:
-    """A trained classifier ready for inference."""
+class SavedSettings:
+    """What a saved model's ``adaptext.json`` (``self.meta``) says about using it: shared by the
+    reloaded model and by each adapter ``serve`` holds."""
 
-    model: nn.Module
-    tokenizer: Any
     meta: dict[str, Any]
-    class_names: list[str]
-    folder: Path
 
     @property
     def max_length(self) -> int:
@@ -144,6 +140,17 @@ class LoadedModel:
     def task(self) -> Task:
         """Single-label, multi-label (with its thresholds) or regression, as trained."""
         return Task.from_meta(self.meta)
+
+
+@dataclass
+class LoadedModel(SavedSettings):
+    """A trained classifier ready for inference."""
+
+    model: nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    class_names: list[str]
+    folder: Path
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptext.artifacts import HEAD_FILE, _base_source, _check_same_base, read_labels, read_meta
+from adaptext.artifacts import HEAD_FILE, SavedSettings, _base_source, _check_same_base, read_labels, read_meta
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer
-from adaptext.tasks import Task
 from adaptext.train import (
     autocast,
     collate,
@@ -34,7 +33,7 @@ from adaptext.train import (
     predict_logits,
     resolve_precision,
 )
-from adaptext.windows import TextRows, Windowing
+from adaptext.windows import TextRows
 
 SHAREABLE = ("lora", "rslora", "head")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -89,7 +88,7 @@ class HeadSwitch(nn.Module):
 
 
 @dataclass
-class Adapter:
+class Adapter(SavedSettings):
     """One served adapter: where it came from, its labels, how to tokenise for it, and what runs it."""
 
     name: str
@@ -99,22 +98,6 @@ class Adapter:
     tokenizer: Any
     runner: SharedBase | Standalone
     metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def max_length(self) -> int:
-        return int(self.meta["config"]["max_length"])
-
-    @property
-    def long_text(self) -> str:
-        return str(self.meta["config"].get("long_text", "truncate"))
-
-    @property
-    def windowing(self) -> Windowing:
-        return Windowing.from_config(self.meta["config"])
-
-    @property
-    def task(self) -> Task:
-        return Task.from_meta(self.meta)
 
     def encode(self, texts: list[str]) -> TextRows:
         """The model rows of ``texts`` as at training time: one per text, or one per sliding window."""
