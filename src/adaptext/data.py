@@ -136,14 +136,20 @@ def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
     return texts
 
 
-def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
+def _filled_cells(frame: pd.DataFrame, column: str, origin: str, missing: str, fix: str) -> list[Any]:
+    """A label column's cells (see _cells), refusing missing or blank ones in one line."""
     values = _cells(frame, column, origin, "label")
     bad = _blank_rows(values)
     if bad:
         raise AdaptextError(
-            f"{origin}: {len(bad)} row(s) have no label in {column!r} (first at row {bad[0]}); "
-            "remove or label those rows"
+            f"{origin}: {len(bad)} row(s) have {missing} in {column!r} (first at row {bad[0]}); "
+            f"remove or {fix} those rows"
         )
+    return values
+
+
+def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
+    values = _filled_cells(frame, column, origin, "no label", "label")
     out = []
     for v in values:
         if isinstance(v, float) and v.is_integer():
@@ -229,13 +235,7 @@ def _list_literal(text: str, origin: str, column: str, row: int) -> list[Any]:
 
 def _raw_targets(frame: pd.DataFrame, column: str, origin: str) -> list[float]:
     """Regression targets: finite numbers (numeric strings accepted), every row."""
-    values = _cells(frame, column, origin, "label")
-    bad = _blank_rows(values)
-    if bad:
-        raise AdaptextError(
-            f"{origin}: {len(bad)} row(s) have no value in {column!r} (first at row {bad[0]}); "
-            "remove or fill those rows"
-        )
+    values = _filled_cells(frame, column, origin, "no value", "fill")
     out = []
     for row, v in enumerate(values):
         try:
