@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli
@@ -92,13 +93,111 @@ def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_
     assert m1["test"]["loss"] == pytest.approx(m2["test"]["loss"], abs=1e-4)
 
 
+def _same_training(one: Path, two: Path, loss_tolerance: float = 1e-4) -> None:
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m1["train"]["steps"] == m2["train"]["steps"]
+    for split in ("validation", "test"):
+        assert m1[split]["accuracy"] == m2[split]["accuracy"], split
+        assert m1[split]["n"] == m2[split]["n"]
+        assert m1[split]["loss"] == pytest.approx(m2[split]["loss"], abs=loss_tolerance), split
+
+
+def test_fsdp_full_sharding_trains_like_one_process_and_saves_the_whole_head(
+    no_dropout_bert, topic_dir, tmp_path, single_process
+):
+    one, _ = single_process
+    two = tmp_path / "fsdp"
+    run = torchrun("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--shard", "full",
+                   "--output", str(two))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        "shard: FSDP full over 2 processes (weights, gradients and optimiser state; 3 units: 1 BertEmbeddings, 2 BertLayer, and the root)"
+        in run.stdout
+    )
+    _same_training(one, two)
+    # The saved adapter is whole, the classifier head included (a shard of it would not even load), and it
+    # holds the weights one process learns.
+    w1, w2 = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two))
+    assert sorted(w1) == sorted(w2) and any("classifier" in key for key in w2)
+    for key in w1:
+        assert w1[key].shape == w2[key].shape, key
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-4, rtol=1e-3)
+    assert yaml.safe_load((two / "run_config.yaml").read_text())["shard"] == "full"
+    assert run.stdout.count("epoch 6.00") == 1  # rank 0 alone prints
+
+
+def test_an_accelerate_fsdp_config_shards_and_resumes_after_a_kill(
+    no_dropout_bert, topic_dir, tmp_path, single_process
+):
+    """What `accelerate launch` sets for an FSDP config (ZeRO-2-like SHARD_GRAD_OP); a kill -9 in the
+    middle of the second checkpoint save, then --resume: the run ends as the uninterrupted one does."""
+    out = tmp_path / "run"
+    common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(out),
+              "--checkpoint-steps", "5")  # fmt: skip
+    fsdp = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adaptext"]
+    killed = subprocess.run([*launch, *common], capture_output=True, text=True, timeout=600,
+                            env={**fsdp, "ADAPTEXT_FAULT_KILL_IN_SAVE": "2"})  # fmt: skip
+    assert killed.returncode != 0 and (out / "checkpoint" / "state.pt").is_file(), killed.stderr[-2000:]
+    assert "shard: FSDP grad-op over 2 processes" in killed.stdout
+    resumed = subprocess.run([*launch, *common, "--resume"], capture_output=True, text=True, timeout=600, env=fsdp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from_step"] == 5
+    _same_training(single_process[0], out)
+    # Resuming the sharded checkpoint without sharding is refused in one line.
+    unsharded = run_cli(*common[:-2], "--checkpoint-steps", "5", "--resume")
+    assert unsharded.returncode != 0
+
+
+def test_fsdp_full_fine_tuning_saves_a_model_that_evaluates_as_trained(no_dropout_bert, topic_dir, tmp_path):
+    out = tmp_path / "full"
+    run = torchrun("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--method", "full",
+                   "--lr", "5e-4", "--shard", "full", "--output", str(out))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained = json.loads((out / "metrics.json").read_text())["test"]
+    evaluated = run_cli("evaluate", "--model", str(out), "--data", str(topic_dir / "test.csv"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads(evaluated.stdout)
+    assert again["accuracy"] == trained["accuracy"] and trained["accuracy"] > 0.5
+    assert again["loss"] == pytest.approx(trained["loss"], abs=1e-4)
+
+
 @pytest.mark.parametrize(
-    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+    ("environment", "shard", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "none", "does not run DeepSpeed: for ZeRO-3-style sharding use"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "none", "hybrid sharding"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "none", "fsdp_offload_params"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "ZERO9"}, "none", "unknown FSDP_SHARDING_STRATEGY"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "full", "contradicts"),
+    ],
 )
-def test_a_sharded_accelerate_launch_is_refused_not_run_unsharded(monkeypatch, variable, engine):
+def test_sharding_settings_adaptext_does_not_carry_out_are_refused_in_one_line(
+    monkeypatch, environment, shard, message
+):
     from adaptext import distributed
     from adaptext.errors import AdaptextError
 
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(AdaptextError, match=f"asked for {engine}.*does not shard"):
-        distributed.setup()
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(AdaptextError, match=message) as refused:
+        distributed.setup(shard)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, "none"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "full"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "2"}, "grad-op"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "none"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "grad-op"),
+    ],
+)
+def test_accelerate_fsdp_configs_map_to_a_sharding(monkeypatch, environment, expected):
+    from adaptext import distributed
+
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert distributed.setup("none").shard == expected

@@ -87,7 +87,8 @@ def train(
     adaptext.train.train_loop); an exception it raises stops the run and nothing is saved.
     """
     cfg = resolve_config(cfg, **overrides)
-    group = distributed.setup()
+    group = distributed.setup(cfg.shard)
+    cfg.shard = group.shard  # as an accelerate FSDP config may have set it: checkpoints and run_config record it
     if not group.primary:
         echo, progress = (lambda line: None), False
     try:
@@ -162,6 +163,10 @@ def _train(
 
     device = group.device() if group.active else pick_device()
     model.to(device)
+    if group.sharded:
+        _shard(model, cfg, group, echo)
+    elif cfg.shard != "none":
+        echo(f"shard: --shard {cfg.shard} ignored: a single process has nothing to shard with (launch with torchrun)")
     precision = resolve_precision(cfg.precision, device)
     examples = f"{len(train_labels):,} examples"
     if windowing.sliding:
@@ -176,6 +181,8 @@ def _train(
     )
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
+    if group.sharded and features is not None:
+        features, cache_note = None, "off (with FSDP the frozen layers are sharded: they run every step)"
     if features is not None or layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
     stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
@@ -252,6 +259,10 @@ def _train(
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if group.sharded:  # every process gives its shards; rank 0 saves a whole model built from them
+            whole = distributed.full_model_state(model)
+            if group.primary:
+                model = _unsharded(whole, source, dataset, id2label, tokenizer, task, cfg, head_modules)
         if group.primary:  # the other processes of a distributed run write nothing
             artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
             artifacts.write_json(
@@ -279,6 +290,40 @@ def _train(
         _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo, task)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+def _shard(
+    model: torch.nn.Module, cfg: config.TrainConfig, group: distributed.Group, echo: Callable[[str], None]
+) -> None:
+    if cfg.method == "adalora":
+        raise AdaptextError(
+            "--method adalora reallocates ranks from whole gradients, which FSDP shards; use lora or --shard none"
+        )
+    if cfg.compile:
+        raise AdaptextError("--compile with FSDP sharding (--shard) is not supported; drop one of them")
+    units = distributed.shard_model(model, group)
+    blocks = ", ".join(f"{count} {name}" for name, count in sorted(units.items()))
+    what = "weights, gradients and optimiser state" if cfg.shard == "full" else "gradients and optimiser state"
+    echo(
+        f"shard: FSDP {cfg.shard} over {group.world} processes ({what}; {sum(units.values())} units: {blocks}, and the root)"
+    )
+
+
+def _unsharded(
+    whole: dict[str, torch.Tensor],
+    source: models.ModelSource,
+    dataset: data.TextDataset,
+    id2label: dict[int, str],
+    tokenizer: Any,
+    task: Task,
+    cfg: config.TrainConfig,
+    head_modules: list[str],
+) -> torch.nn.Module:
+    """A plain (unsharded) copy of the trained model on the CPU, from the whole weights FSDP gathered."""
+    model, _ = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type)
+    model, _ = models.prepare(model, cfg, head_modules)
+    model.load_state_dict(whole)
+    return model.eval()
 
 
 @contextlib.contextmanager

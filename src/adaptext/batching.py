@@ -186,13 +186,17 @@ def predict_logits(
     precision: str,
     device: torch.device,
     feed: Callable[[list[int], int], None] | None = None,
+    batches: list[list[int]] | None = None,
 ) -> np.ndarray:
-    """Logits in input order, computed over length-sorted batches (``feed`` hands cached features in)."""
+    """Logits in input order, computed over length-sorted batches (``feed`` hands cached features in).
+    With ``batches``, only those rows are computed, in those batches (the other rows stay zero)."""
     was_training = model.training
     model.eval()
     num_labels = model.config.num_labels
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
-    for batch in inference_batches([len(x) for x in encoded], batch_size, device):
+    if batches is None:
+        batches = inference_batches([len(x) for x in encoded], batch_size, device)
+    for batch in batches:
         inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad_id).items()}
         if feed is not None:
             feed(batch, inputs["input_ids"].shape[1])
@@ -213,10 +217,17 @@ def sharded_logits(
     group: distributed.Group,
     feed: Callable[[list[int], int], None] | None = None,
 ) -> np.ndarray:
-    """``predict_logits`` with the rows split over the processes of ``group`` and gathered back in order."""
+    """``predict_logits`` with every batch split over the processes of ``group``, gathered back in order.
+
+    Every process runs the same number of forward passes (FSDP's collectives need that): one whose share
+    of a short batch is empty computes the batch's first row and drops it."""
     if not group.active:
         return predict_logits(model, encoded, pad_id, batch_size, precision, device, feed)
-    mine = group.share(list(range(len(encoded))))
-    local_feed = (lambda b, w: feed([mine[i] for i in b], w)) if feed is not None else None
-    local = predict_logits(model, [encoded[i] for i in mine], pad_id, batch_size, precision, device, local_feed)
-    return distributed.gather_rows(group, local, len(encoded))
+    batches = inference_batches([len(x) for x in encoded], batch_size, device)
+    shares = [batch[group.rank :: group.world] for batch in batches]
+    mine = [i for share in shares for i in share]
+    computed = [share or batch[:1] for share, batch in zip(shares, batches)]
+    local = predict_logits(model, encoded, pad_id, batch_size, precision, device, feed, computed)
+    if group.sharded:
+        distributed.reshard(model)
+    return distributed.gather_rows(group, mine, local[mine], len(encoded))

@@ -36,6 +36,7 @@ METRICS = (
 LOSSES = ("cross-entropy", "focal")
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
+SHARDING = ("none", "full", "grad-op")
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
 TOP_LAYER_METHODS = ("lora", "dora", "rslora", "adalora", "vera", "loha", "lokr", "full")
 # Methods that would adapt only the top third of the layers unless told otherwise. Empty: measured,
@@ -192,6 +193,12 @@ class TrainConfig:
         "torch.compile the model for training: a slow first minute, then faster steps (mostly on GPU). "
         "Batch widths are bucketed to multiples of 32 so only a few shapes compile.",
     )
+    shard: str = _f(
+        "none",
+        "Under torchrun, shard the model with FSDP: full (parameters, gradients and optimiser state, like "
+        "ZeRO-3), grad-op (gradients and optimiser state; parameters stay gathered between forward and "
+        "backward, like ZeRO-2), none (every process holds the whole model). An accelerate FSDP config sets it.",
+    )
     seed: int = _f(42, "Random seed: same seed, same data, same result.")
     # --- output
     output: str | None = _f(None, "Output directory (a standard PEFT adapter directory).")
@@ -278,6 +285,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_task(cfg)
     _check_choice("loss", cfg.loss, LOSSES)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
+    _check_choice("shard", cfg.shard, SHARDING)
     if cfg.top_layers:
         if cfg.top_layers < 0:
             raise AdaptextError(f"--top-layers must be >= 0 (got {cfg.top_layers}); 0 adapts every layer")

@@ -38,6 +38,7 @@ from adaptext.batching import sorted_batches as sorted_batches
 from adaptext.batching import special_token_split as special_token_split
 from adaptext.batching import tokenize as tokenize
 from adaptext.cache import FeatureCache
+from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
 from adaptext.tasks import class_weight_tensor as class_weight_tensor
 from adaptext.tasks import focal_loss as focal_loss
@@ -187,11 +188,13 @@ def train_loop(
     window_loss, window_n = 0.0, 0
     trained_before = 0.0  # training seconds of the interrupted run, when resuming
     if resume is not None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in resume["trainable"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("sharded", False) != group.sharded:
+            raise AdaptextError(
+                f"the checkpoint was written by a run {'with' if resume.get('sharded') else 'without'} FSDP sharding; "
+                "resume it the same way (same --shard and number of processes), or start over with --overwrite"
+            )
+        distributed.load_params(model, resume["trainable"])
+        distributed.load_optimizer_state(model, optimizer, resume["optimizer"], group)
         step, batch_no, skip = resume["step"], resume["batch_no"], resume["batch_in_epoch"]
         counters = resume["counters"]
         seen, tokens, positions = counters["seen"], counters["tokens"], counters["positions"]
@@ -234,7 +237,12 @@ def train_loop(
                     if batch_no >= total_batches:
                         break
                     rows = group.share(batch)
-                    if rows:  # (a process can get no rows of a short last batch; it still joins the sum)
+                    # A process can get no rows of a short last batch. It still joins the gradient sum; under
+                    # FSDP it must also run the forward and backward (they are collective): one row, weight 0.
+                    weight = len(rows) / len(batch)
+                    if not rows and group.sharded:
+                        rows, weight = batch[:1], 0.0
+                    if rows:
                         padded = collate([train_ids[i] for i in rows], pad_id, pad_multiple)
                         inputs = {k: v.to(device) for k, v in padded.items()}
                         if features is not None:
@@ -243,12 +251,15 @@ def train_loop(
                             logits = step_model(**inputs).logits
                         loss = loss_fn(logits.float(), labels_all[rows].to(device))
                         # Scaled by this process's share of the batch: summed over processes, the gradient
-                        # is the whole batch's mean, as in a single process.
-                        (loss * (len(rows) / len(batch)) / cfg.grad_accum).backward()
-                        positions += padded["input_ids"].numel()
-                        real += sum(lengths[i] for i in rows)
-                        window_loss += loss.item()
-                        window_n += 1
+                        # is the whole batch's mean, as in a single process. (FSDP averages over processes
+                        # rather than summing: times world.)
+                        scale = weight * (group.world if group.sharded else 1) / cfg.grad_accum
+                        (loss * scale).backward()
+                        if weight:
+                            positions += padded["input_ids"].numel()
+                            real += sum(lengths[i] for i in rows)
+                            window_loss += loss.item()
+                            window_n += 1
                     batch_no += 1
                     seen += len(batch)
                     tokens += sum(lengths[i] for i in batch)
@@ -294,7 +305,10 @@ def train_loop(
                         record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
                         result.history.append(record)
                         _write(log, {"eval": record})
-                        _print(bar, f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  " + brief(metrics))
+                        if group.primary:
+                            _print(
+                                bar, f"epoch {record['epoch']:.2f}  val_loss {metrics['loss']:.4f}  " + brief(metrics)
+                            )
                         started += time.perf_counter() - eval_started  # throughput counts training only
                         if on_eval is not None:
                             on_eval(record)
@@ -307,25 +321,34 @@ def train_loop(
                             if cfg.early_stopping and bad_evals >= cfg.early_stopping:
                                 result.stopped_early = True
                                 break
-                    if (
+                    due = (
                         checkpointer is not None
                         and stepped
                         and batch_no < total_batches
                         and checkpointer.due(step, batch_no % batches_per_epoch == 0)
-                    ):
+                    )
+                    if group.sharded and stepped and batch_no < total_batches:
+                        due = distributed.agree(group, due)  # gathering the state is collective under FSDP
+                    if due:
                         if log is not None:
                             log.flush()
-                        checkpointer.save({
+                        state = {
                             "step": step, "batch_no": batch_no, "batch_in_epoch": k + 1, "epoch_rng": epoch_rng,
-                            "rng": checkpoint.rng_state(), "optimizer": optimizer.state_dict(),
-                            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                            "rng": checkpoint.rng_state(), "sharded": group.sharded,
+                            "optimizer": distributed.optimizer_state(model, optimizer, group),
+                            "trainable": distributed.full_tensors(
+                                {n: p for n, p in model.named_parameters() if p.requires_grad}
+                            ),
                             "counters": {"seen": seen, "tokens": tokens, "positions": positions, "real": real,
                                          "window_loss": window_loss, "window_n": window_n,
                                          "train_seconds": train_time()},
-                            "history": result.history, "best": result.best, "best_state": best_state,
+                            "history": result.history, "best": result.best,
+                            "best_state": distributed.full_tensors(best_state) if best_state is not None else None,
                             "bad_evals": bad_evals,
                             "log": log_path.read_text(encoding="utf-8") if log_path is not None else "",
-                        })  # fmt: skip
+                        }  # fmt: skip
+                        if checkpointer is not None:  # rank 0
+                            checkpointer.save(state)
                 skip = 0
                 if result.stopped_early:
                     break
@@ -342,9 +365,6 @@ def train_loop(
     result.padding_fraction = 1 - real / positions if positions else 0.0
     result.steps = step
     if best_state is not None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in best_state.items():
-                params[name].copy_(value)
+        distributed.load_params(model, best_state)
     model.eval()
     return result
