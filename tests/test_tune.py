@@ -5,14 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from adaptext import cli, config, tune
+from adaptext import api, checkpoint, cli, config, tune
 from adaptext.errors import AdaptextError
 from conftest import run_cli
 
@@ -41,7 +44,8 @@ def args(tiny_models, topic_dir, out, *extra):
 
 
 def load(out):
-    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    name = json.loads((out / "tune.json").read_text())["study_name"]  # the folder's name when the study began
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
 def states(study):
@@ -167,6 +171,116 @@ def test_killed_mid_trial_then_rerun_completes_the_study(tiny_models, topic_dir,
     assert (out / "trials" / "0000" / "adaptext.json").stat().st_mtime_ns == stamp  # not trained again
     assert not (out / "trials" / "0001").exists() and not [p for p in (out / "trials").iterdir() if p.name[0] == "."]
     assert [r["state"] for r in csv.DictReader((out / "trials.csv").open())][1] == "fail"
+
+
+# Checkpoints at steps 4, 8, 12... (the first evaluation is at step 7); an lr that learns, so that a resumed run
+# which went astray would show in its losses.
+KILLED = ("--trials", "1", "--checkpoint-steps", "4", "--lr", "0.02")
+
+
+@pytest.fixture(scope="module")
+def killed_in_a_save(tiny_models, topic_dir, tmp_path_factory):
+    """A one-trial study whose process is SIGKILLed (as by `kill -9`) inside trial 0's third checkpoint save,
+    by the fault injection of test_resume: no race with the trial's end, two whole checkpoints before."""
+    out = tmp_path_factory.mktemp("tune-killed") / "killed"
+    env = {**os.environ, "ADAPTEXT_FAULT_KILL_IN_SAVE": "3"}
+    proc = subprocess.run([sys.executable, "-m", "adaptext", *args(tiny_models, topic_dir, out, *KILLED)],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert states(load(out)) == ["RUNNING"] and list(checkpoint_file(out, 0).parent.glob(".state.pt.partial-*"))
+    return out
+
+
+def copy_of(study_dir, tmp_path):
+    """Each test re-runs its own copy of the killed study (it keeps its name: tune.json has it)."""
+    shutil.copytree(study_dir, tmp_path / "killed")
+    return tmp_path / "killed"
+
+
+def checkpoint_file(out, number):
+    return checkpoint.state_path(tune.trial_dir(out, number))
+
+
+def assert_retry_complete(out):
+    """Trial 0 failed, trial 1 re-ran it and finished: its model alone in trials/, whole, with no checkpoint."""
+    assert states(load(out)) == ["FAIL", "COMPLETE"] and load(out).trials[1].user_attrs["retry_of"] == 0
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0001"]
+    folder = out / "trials" / "0001"
+    assert (folder / "adaptext.json").is_file() and not (folder / "checkpoint").exists()
+    assert (out / "best").resolve() == folder.resolve()
+    assert [r["state"] for r in csv.DictReader((out / "trials.csv").open())] == ["fail", "complete"]
+
+
+def test_a_trial_killed_after_a_checkpoint_resumes_from_it(killed_in_a_save, tiny_models, topic_dir, tmp_path, capsys):
+    out = copy_of(killed_in_a_save, tmp_path)
+    step = torch.load(checkpoint_file(out, 0), weights_only=True)["step"]
+    reported = load(out).trials[0].intermediate_values  # before the kill
+    assert step == 8 and len(reported) >= 1
+    assert cli.main(args(tiny_models, topic_dir, out, *KILLED)) == 0
+    printed = capsys.readouterr().out
+    assert "trial 0 was interrupted; its parameters are queued to run again" in printed
+    assert "trial 1 resumes trial 0 from step 8 of its checkpoint" in printed
+    assert_retry_complete(out)
+    trial = load(out).trials[1]
+    metrics = json.loads((out / "trials" / "0001" / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] == 8
+    # Every evaluation is reported to the retry at its own step, those made before the kill included.
+    losses = [r["loss"] for r in metrics["history"]]
+    assert [trial.intermediate_values[i] for i in range(len(losses))] == losses
+    assert [reported[i] for i in range(len(reported))] == losses[: len(reported)]
+    # The same trial trained without a break ends at the same values.
+    whole = api.train({**trial.user_attrs["config"], "output": str(tmp_path / "whole")}, progress=False)
+    assert trial.value == pytest.approx(whole.metrics["best"]["loss"], abs=1e-6)
+    assert losses == pytest.approx([r["loss"] for r in whole.metrics["history"]], abs=1e-6)
+    resumed, uninterrupted = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "best", whole.output))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-6)
+
+
+def corrupt(state_file):
+    state_file.write_bytes(b"\x00not a checkpoint")
+
+
+def other_options(state_file):
+    state = torch.load(state_file, weights_only=True)
+    state["config"]["lr"] = 0.5
+    torch.save(state, state_file)
+
+
+@pytest.mark.parametrize(
+    "damage,reason", [(corrupt, "cannot be read ("), (other_options, "was made with other options (lr: 0.5 -> ")]
+)
+def test_a_killed_trial_with_an_unusable_checkpoint_is_trained_from_scratch(
+    killed_in_a_save, tiny_models, topic_dir, tmp_path, capsys, damage, reason
+):
+    out = copy_of(killed_in_a_save, tmp_path)
+    damage(checkpoint_file(out, 0))
+    assert cli.main(args(tiny_models, topic_dir, out, *KILLED)) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial 1 ")]
+    assert notes[0].startswith(f"trial 1 trains from scratch: the checkpoint of trial 0 {reason}"), notes
+    assert not any("resumes" in line for line in notes)
+    assert_retry_complete(out)
+    metrics = json.loads((out / "trials" / "0001" / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] is None
+
+
+def test_a_trial_stopped_by_ctrl_c_resumes_from_its_checkpoint(tiny_models, topic_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "stopped"
+    save = checkpoint.Checkpointer.save
+
+    def interrupted_save(self, state):  # Ctrl-C arrives after two checkpoints
+        if self.saves == 2:
+            raise KeyboardInterrupt
+        save(self, state)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", interrupted_save)
+    assert cli.main(args(tiny_models, topic_dir, out, *KILLED)) == 130
+    monkeypatch.undo()
+    assert states(load(out)) == ["FAIL", "WAITING"] and checkpoint_file(out, 0).is_file()
+    assert cli.main(args(tiny_models, topic_dir, out, *KILLED)) == 0
+    assert "trial 1 resumes trial 0 from step 8 of its checkpoint" in capsys.readouterr().out
+    assert_retry_complete(out)
 
 
 SPACE_ERRORS = [

@@ -33,6 +33,16 @@ AUTO_SECONDS = 60.0  # "about once a minute of work" when --checkpoint-steps is 
 FREE_OPTIONS = ("output", "overwrite", "resume", "checkpoint_steps", "tensorboard", "log_every")
 
 
+class UnusableCheckpoint(AdaptextError):
+    """A checkpoint that cannot be resumed. The message says what ``adaptext train --resume`` should do;
+    ``reason`` is the cause alone ("cannot be read (EOFError)"), for callers that handle it themselves
+    (``adaptext tune`` trains the trial from scratch)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def state_path(output: Path) -> Path:
     return output / FOLDER / STATE_FILE
 
@@ -88,18 +98,19 @@ def load(output: Path, config: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 — any unreadable file gets the same answer
-        raise AdaptextError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}); start over with --overwrite"
-        ) from None
-    if state.get("format") != FORMAT:
-        raise AdaptextError(f"checkpoint {path} was written by another adaptext version; start over with --overwrite")
+        unreadable = f"cannot be read ({type(exc).__name__})"
+        raise UnusableCheckpoint(f"checkpoint {path} {unreadable}; start over with --overwrite", unreadable) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        foreign = "was written by another adaptext version"
+        raise UnusableCheckpoint(f"checkpoint {path} {foreign}; start over with --overwrite", foreign)
     saved, now = state["config"], identity(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-        raise AdaptextError(
+        raise UnusableCheckpoint(
             f"--resume needs the options of the interrupted run; these differ ({diff}); "
-            "pass the same options, or --overwrite to start over"
+            "pass the same options, or --overwrite to start over",
+            f"was made with other options ({diff})",
         )
     return state
 

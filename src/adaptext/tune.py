@@ -9,7 +9,7 @@ are stored beside it but never steer the search.
 The study lives in SQLite (``OUTPUT/study.db`` by default), so re-running the same command continues
 it up to ``--trials``. One process runs a study at a time (it holds ``OUTPUT/.tune.lock``), so a
 trial found RUNNING at the start belongs to a process that died: it is marked failed and its
-parameters are tried again.
+parameters are tried again, from the checkpoint its training left when there is a usable one.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import config
-from adaptext.checkpoint import FREE_OPTIONS
+from adaptext import checkpoint, config
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
 
@@ -327,7 +326,7 @@ def storage_url(plan: Plan) -> str:
 
 def _identity(plan: Plan, name: str) -> dict[str, Any]:
     """What makes trials comparable: every training option that changes a result, and where the study is."""
-    options = {k: v for k, v in plan.base.to_dict().items() if k not in FREE_OPTIONS}
+    options = {k: v for k, v in plan.base.to_dict().items() if k not in checkpoint.FREE_OPTIONS}
     return json.loads(json.dumps({"options": options, "study_name": name, "storage": plan.storage}))
 
 
@@ -422,17 +421,20 @@ def _pruner(plan: Plan) -> Any:
 
 
 def _recover(optuna: Any, study: Any, output: Path, echo: Callable[[str], None]) -> None:
-    """Trials a killed run left RUNNING are failed and queued again with their parameters; leftovers go."""
+    """Trials a killed run left RUNNING are failed and queued again with their parameters; leftovers go,
+    except the folder of a trial queued again: its checkpoint lets the retry resume (see _take_over)."""
     running = optuna.trial.TrialState.RUNNING
     for frozen in study.get_trials(deepcopy=False, states=(running,)):
         study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number})
         echo(f"trial {frozen.number} was interrupted; its parameters are queued to run again")
     complete = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    keep = complete | {t.user_attrs["retry_of"] for t in queued if "retry_of" in t.user_attrs}
     folder = output / "trials"
     for path in folder.iterdir() if folder.is_dir() else []:
-        # staging directories of a killed trial, checkpoints of pruned/failed ones
-        if path.name.startswith(".") or not (path.name.isdigit() and int(path.name) in complete):
+        # staging directories of a killed trial, checkpoints of pruned/failed ones that no retry resumes
+        if path.name.startswith(".") or not (path.name.isdigit() and int(path.name) in keep):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -480,6 +482,13 @@ def _run_trial(
         cfg = trial_options(plan.base, params, folder)
         trial.set_user_attr("config", json.loads(json.dumps(cfg.to_dict())))
         trial.set_user_attr("dir", str(folder.relative_to(plan.output)))
+        history = _take_over(trial, plan.output, cfg, echo)
+        if history is not None:
+            # The evaluations made before the interruption, reported again at their steps: the pruner judges
+            # this trial as if it had never stopped (and may stop it here, as it would have then).
+            for record in history:
+                on_eval(record)
+            cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
         # The trial's own output (data, model, evaluation lines) goes to its log; the console gets one line.
         with (plan.output / "logs" / f"{folder.name}.log").open("w", encoding="utf-8") as log:
             with contextlib.redirect_stdout(log):
@@ -487,10 +496,11 @@ def _run_trial(
     except optuna.TrialPruned:
         pass
     except BaseException as exc:
-        shutil.rmtree(folder, ignore_errors=True)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if isinstance(exc, KeyboardInterrupt):  # an interrupted trial is tried again with its parameters
+        if isinstance(exc, KeyboardInterrupt):  # tried again with its parameters, from the checkpoint it keeps
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
         echo(f"{_label(trial.number, params)}: failed ({_first_line(exc) or type(exc).__name__})")
         raise
     label = _label(trial.number, params)
@@ -516,6 +526,38 @@ def _run_trial(
     study.tell(trial, value)
     mark = "  * best so far" if study.best_trial.number == trial.number else ""
     echo(f"{label}: {metric} {value:.4f} at epoch {best['epoch']:.2f} ({seconds:.0f} s){mark}")
+
+
+def _take_over(
+    trial: Any, output: Path, cfg: config.TrainConfig, echo: Callable[[str], None]
+) -> list[dict[str, Any]] | None:
+    """A retried trial continues from the checkpoint of the attempt it retries, when that one is usable.
+
+    The attempt's folder is renamed to this trial's (one atomic rename) rather than resumed where it is,
+    so that trial N's model is always ``trials/NNNN``: ``user_attrs["dir"]``, ``logs/NNNN.log``,
+    trials.csv, the ``best`` link and _recover (which keeps the folders of complete trials only) all
+    assume it, and the failed attempt is left with no folder, like any failed trial. Until the model is
+    swapped in whole at the end of training, the folder holds the checkpoint alone, as a fresh trial's
+    does. Returns the evaluations made before the interruption, or None: the trial trains from
+    scratch, and a line says why.
+    """
+    retry_of = trial.user_attrs.get("retry_of")
+    if retry_of is None:
+        return None
+    interrupted = trial_dir(output, retry_of)
+    if not checkpoint.state_path(interrupted).is_file():
+        shutil.rmtree(interrupted, ignore_errors=True)  # killed before its first save, or after its model's
+        echo(f"trial {trial.number} trains from scratch: trial {retry_of} left no checkpoint")
+        return None
+    try:  # read here for its options and evaluations, and once more by api.train: a retry's cost, once
+        state = checkpoint.load(interrupted, cfg.to_dict())
+    except checkpoint.UnusableCheckpoint as exc:
+        shutil.rmtree(interrupted, ignore_errors=True)
+        echo(f"trial {trial.number} trains from scratch: the checkpoint of trial {retry_of} {exc.reason}")
+        return None
+    os.replace(interrupted, cfg.output)
+    echo(f"trial {trial.number} resumes trial {retry_of} from step {state['step']} of its checkpoint")
+    return state["history"]
 
 
 def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
