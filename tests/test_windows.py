@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import random
 import re
@@ -15,6 +16,7 @@ import torch
 
 import adaptext
 from adaptext import api, config, models
+from adaptext.cli import build_parser
 from adaptext.errors import AdaptextError
 from adaptext.export import export_onnx
 from adaptext.serve.registry import Registry
@@ -22,6 +24,7 @@ from adaptext.train import special_token_split, tokenize
 from adaptext.windows import TextRows, Windowing, pool_windows, split_windows
 from conftest import TOPICS, run_cli
 from test_cli import assert_clean_failure
+from test_serve import Server
 
 MAX_LENGTH, STRIDE = 16, 4
 LONG_TEXT = " ".join(["goal match team coach"] * 30 + ["market price bank"] * 20)  # ~200 tokens: many windows
@@ -238,6 +241,70 @@ def test_serve_pools_window_rows_of_many_adapters_sharing_batches(trained):
         assert probs.shape == (len(texts), 3)
         np.testing.assert_allclose(probs, np.stack([refs[name][t] for t in texts]), atol=2e-5, err_msg=name)
     assert registry.get("bert").describe()["long_text"] == "sliding"
+
+
+def histogram(server, name: str) -> tuple[dict[float, float], float, float]:
+    """A Prometheus histogram from the server's /metrics: cumulative count per bucket bound, count, sum."""
+    text = server.get("/metrics", token=None)[1]
+    buckets = {
+        float(bound): float(value) for bound, value in re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)
+    }
+    count = float(re.search(rf"^{name}_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(rf"^{name}_sum (\S+)$", text, re.M).group(1))
+    return buckets, count, total
+
+
+def test_serve_cuts_long_requests_into_pieces_of_max_batch_rows_and_still_matches_predict(trained):
+    """--max-batch-rows counts windows: a request of many windows runs in pieces of at most that many rows (seen in
+    the server's own histograms of rows per micro-batch and per forward pass), each text pooled over all its
+    windows across pieces; short concurrent requests still share micro-batches."""
+    root = trained["bert"].output.parent
+    limit = 8
+    srv = Server(
+        ["--adapters", str(root / "bert"), str(root / "bert-ia3"), "--max-batch-rows", str(limit),
+         "--max-wait-ms", "50"],  # --batch-size stays 64: only the row limit keeps passes at 8 rows
+        env={"ADAPTEXT_SERVE_TOKEN": ""},
+    )  # fmt: skip
+    try:
+        texts = [LONG_TEXT, "planet rocket", "profit " * 40 + "comet orbit", "planet rocket orbit " * 40]
+        rows = 0
+        for name in ("bert", "bert-ia3"):  # a shared-base LoRA (mean pooling) and a standalone IA3 (max pooling)
+            clf = adaptext.load(root / name)
+            windows = len(clf.loaded.windowing.encode(clf.loaded.tokenizer, texts).ids)
+            assert windows > 3 * limit  # several pieces, texts straddling their boundaries
+            status, body = srv.post("/v1/classify", {"adapter": name, "texts": texts})
+            assert status == 200, body
+            probs = [[result["probabilities"][label] for label in body["labels"]] for result in body["results"]]
+            np.testing.assert_allclose(probs, clf.predict_proba(texts), atol=2e-5, err_msg=name)
+            rows += windows
+        for metric in ("adaptext_batch_rows", "adaptext_forward_rows"):
+            buckets, count, total = histogram(srv, metric)
+            assert total == rows, metric  # every window through the model exactly once
+            assert count >= rows / limit and buckets[float(limit)] == count, (metric, buckets)  # none over the limit
+
+        short_texts = ["planet rocket", "goal match", "profit bank"]  # one window each
+        expected = dict(zip(short_texts, adaptext.load(root / "bert").predict_proba(short_texts)))
+        requests = short_texts * 8
+        _, batches_before, _ = histogram(srv, "adaptext_batch_requests")
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda t: srv.post("/v1/classify", {"adapter": "bert", "texts": [t]}), requests))
+        for text, (status, body) in zip(requests, answers):
+            assert status == 200, body
+            got = [body["results"][0]["probabilities"][label] for label in body["labels"]]
+            np.testing.assert_allclose(got, expected[text], atol=2e-5)
+        _, batches_after, _ = histogram(srv, "adaptext_batch_requests")
+        assert batches_after - batches_before < len(requests)  # some micro-batches served several requests
+        buckets, count, _ = histogram(srv, "adaptext_batch_rows")
+        assert buckets[float(limit)] == count
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.proc.stderr.read()
+
+
+def test_max_batch_texts_is_an_old_name_for_max_batch_rows():
+    parse = build_parser().parse_args
+    assert parse(["serve", "--adapters", "x", "--max-batch-texts", "5"]).max_batch_rows == 5
+    assert parse(["serve", "--adapters", "x"]).max_batch_rows == 64
 
 
 def test_old_model_directories_without_window_keys_load_as_before(trained, tmp_path):

@@ -223,7 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adaptext.serve.app import Limits, ServeOptions
 
-    for flag in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_texts", "batch_size", "threads"):
+    for flag in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_rows", "batch_size", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise AdaptextError(f"{_flag(flag)} {getattr(args, flag)}: must be at least 1")
     if args.max_wait_ms < 0:
@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise AdaptextError(f"--port {args.port}: use 0 to 65535 (0 picks a free port)")
     token = args.token or os.environ.get("ADAPTEXT_SERVE_TOKEN") or None
     limits = Limits(args.max_body_bytes, args.max_texts, args.max_text_chars)
-    options = ServeOptions(token, limits, args.max_batch_texts, args.max_wait_ms, args.batching)
+    options = ServeOptions(token, limits, args.max_batch_rows, args.max_wait_ms, args.batching)
     try:
         _serve(args, options)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it shut down on: a normal stop
@@ -434,7 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
     p.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (default 10,000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
-    p.add_argument("--max-batch-texts", type=int, default=64, help="texts per micro-batch (default 64)")
+    p.add_argument(
+        "--max-batch-rows",
+        "--max-batch-texts",  # the old name: it counted texts, and a long text may be many windows
+        dest="max_batch_rows",
+        type=int,
+        default=64,
+        help="model rows per micro-batch: one per text, or one per window of a --long-text sliding model; a request "
+        "with more rows runs this many at a time (default 64; --max-batch-texts is an old name for it)",
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (5)")
     p.add_argument(
         "--batching",
@@ -442,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="micro-batch concurrent requests (--no-batching: one forward per request, the naive baseline)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass inside a batch (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass inside a micro-batch (default 64)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core)")

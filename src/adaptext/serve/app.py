@@ -43,7 +43,7 @@ class Limits:
 class ServeOptions:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
-    max_batch_texts: int = 64
+    max_batch_rows: int = 64  # model rows per micro-batch: one per text, or one per sliding window
     max_wait_ms: float = 5.0
     batching: bool = True
 
@@ -180,16 +180,22 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        self.batch_rows = Histogram(
+            "adaptext_batch_rows", "model rows (texts, or sliding windows) per micro-batch", buckets=sizes, registry=r
+        )
         self.batch_texts = Histogram(
-            "adaptext_batch_texts", "texts per forward batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+            "adaptext_batch_texts", "texts with rows in a micro-batch", buckets=sizes, registry=r
         )
         self.batch_requests = Histogram(
-            "adaptext_batch_requests", "requests per forward batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "adaptext_batch_requests", "requests with rows in a micro-batch", buckets=sizes[:7], registry=r
         )
+        self.forward_rows = Histogram("adaptext_forward_rows", "model rows per forward pass", buckets=sizes, registry=r)
         self.texts = Counter("adaptext_texts_classified", "texts classified", ["adapter"], registry=r)
         self.adapters = Gauge("adaptext_adapters_loaded", "adapters loaded", registry=r)
 
-    def batch(self, texts: int, requests: int) -> None:
+    def batch(self, rows: int, texts: int, requests: int) -> None:
+        self.batch_rows.observe(rows)
         self.batch_texts.observe(texts)
         self.batch_requests.observe(requests)
 
@@ -207,7 +213,8 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
     limits = options.limits
     metrics = Metrics()
     metrics.adapters.set(len(registry.adapters))
-    batcher = Batcher(registry, options.max_batch_texts, options.max_wait_ms, options.batching, metrics.batch)
+    registry.on_forward = metrics.forward_rows.observe
+    batcher = Batcher(registry, options.max_batch_rows, options.max_wait_ms, options.batching, metrics.batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -277,7 +284,8 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
 
     @app.get("/metrics", tags=["operations"])
     async def prometheus() -> Response:
-        """Prometheus text format: request counts and latency per endpoint, batch sizes, texts per adapter."""
+        """Prometheus text format: request counts and latency per endpoint, rows/texts/requests per micro-batch,
+        rows per forward pass, texts per adapter."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(f"/{API_VERSION}/adapters", tags=["adapters"], dependencies=[Depends(check_token)])

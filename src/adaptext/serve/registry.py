@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,11 @@ class Adapter(SavedSettings):
     def encode(self, texts: list[str]) -> TextRows:
         """The model rows of ``texts`` as at training time: one per text, or one per sliding window."""
         return self.windowing.encode(self.tokenizer, texts)
+
+    def scores(self, rows: TextRows, row_logits: np.ndarray) -> np.ndarray:
+        """One row of probabilities (or values) per text, from the logits of all of its rows: each text's
+        windows pooled before softmax or sigmoid, as ``adaptext predict`` does."""
+        return self.task.scores(self.windowing.pool_logits(row_logits, rows))
 
     def describe(self) -> dict[str, Any]:
         base = self.meta["base_model"]
@@ -229,10 +235,14 @@ class SharedBase:
         self.labels.pop(name, None)
 
     @torch.inference_mode()
-    def logits(self, rows: list[tuple[str, list[int]]], batch_size: int) -> list[np.ndarray]:
+    def logits(
+        self, rows: list[tuple[str, list[int]]], batch_size: int, on_forward: Callable[[int], None] | None = None
+    ) -> list[np.ndarray]:
         """Each row (adapter name, token ids) through its own adapter; rows of many adapters share batches."""
         out: list[np.ndarray] = [np.zeros(0)] * len(rows)
         for batch in inference_batches([len(ids) for _, ids in rows], batch_size, self.device):
+            if on_forward is not None:
+                on_forward(len(batch))
             names = [rows[i][0] for i in batch]
             inputs = {k: v.to(self.device) for k, v in collate([rows[i][1] for i in batch], self.pad_token_id).items()}
             for switch in self.switches.values():
@@ -263,9 +273,13 @@ class Standalone:
         self.device = device
         self.precision = precision
 
-    def logits(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
+    def logits(
+        self, ids: list[list[int]], batch_size: int, on_forward: Callable[[int], None] | None = None
+    ) -> np.ndarray:
         pad = self.loaded.tokenizer.pad_token_id
-        return predict_logits(self.loaded.model, ids, pad, batch_size, self.precision, self.device)
+        # predict_logits calls ``feed`` with each batch's rows just before its forward pass.
+        feed = (lambda batch, _width: on_forward(len(batch))) if on_forward is not None else None
+        return predict_logits(self.loaded.model, ids, pad, batch_size, self.precision, self.device, feed)
 
 
 def check_weights_files(folder: Path) -> None:
@@ -293,9 +307,10 @@ class Registry:
         self.roots = [Path(r).expanduser().resolve() for r in roots]
         self.device = torch.device(device) if device is not None else pick_device()
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # rows per forward pass
         self.adapters: dict[str, Adapter] = {}
         self.bases: dict[str, SharedBase] = {}
+        self.on_forward: Callable[[int], None] | None = None  # called with the rows of every forward pass
 
     def resolve(self, path: str | Path) -> Path:
         """An adapter directory inside one of the roots (absolute, or relative to a root)."""
@@ -362,42 +377,57 @@ class Registry:
             raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {known})")
         return self.adapters[name]
 
+    def encode(self, name: str, texts: list[str]) -> tuple[Adapter, TextRows]:
+        """``texts`` as the model rows of the adapter ``name``: one per text, or one per sliding window."""
+        adapter = self.get(name)
+        return adapter, adapter.encode(texts)
+
+    def row_logits(self, parts: list[tuple[Adapter, list[list[int]]]]) -> list[np.ndarray | AdaptextError]:
+        """The logits of each (adapter, rows' token ids) part, one row each; rows of one base run in shared
+        batches of at most ``batch_size``. A part whose adapter was unloaded since :meth:`encode` gets its
+        error in place of a result."""
+        results: list[np.ndarray | AdaptextError] = [np.zeros(0)] * len(parts)
+        shared: dict[int, list[tuple[int, str, list[int]]]] = {}
+        for p, (adapter, ids) in enumerate(parts):
+            if self.adapters.get(adapter.name) is not adapter:
+                results[p] = AdapterNotFound(f"adapter {adapter.name!r} was unloaded while the request waited")
+            elif not ids:
+                results[p] = np.zeros((0, len(adapter.class_names)), dtype=np.float32)
+            elif isinstance(adapter.runner, SharedBase):
+                shared.setdefault(id(adapter.runner), []).extend((p, adapter.name, row) for row in ids)
+            else:
+                results[p] = adapter.runner.logits(ids, self.batch_size, self.on_forward)
+        runners = {id(a.runner): a.runner for a in self.adapters.values()}
+        for key, shared_rows in shared.items():
+            logits = runners[key].logits(
+                [(name, ids) for _, name, ids in shared_rows], self.batch_size, self.on_forward
+            )
+            per_part: dict[int, list[np.ndarray]] = {}
+            for (p, _, _), row in zip(shared_rows, logits):
+                per_part.setdefault(p, []).append(row)  # in each part's row order
+            for p, row_list in per_part.items():
+                results[p] = np.stack(row_list)
+        return results
+
     def probabilities(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray | AdaptextError]:
-        """Class probabilities (or regression values: ``Task.scores``) for each (adapter, texts) request;
-        rows of one base run in shared batches.
+        """Class probabilities (or regression values: ``Task.scores``) for each (adapter, texts) request, all
+        rows in one go (serve's batcher calls :meth:`encode` and :meth:`row_logits` itself, to bound the rows
+        of each call).
 
         A text cut into sliding windows is several rows (of the shared batches, too); its rows' logits are
-        pooled back into one before softmax or sigmoid, as ``adaptext predict`` does. A request naming an adapter
-        unloaded meanwhile gets its error in place of a result.
+        pooled back into one before softmax or sigmoid, as ``adaptext predict`` does. A request naming an
+        adapter that is not loaded gets its error in place of a result.
         """
         results: list[np.ndarray | AdaptextError] = [np.zeros(0)] * len(requests)
         encoded: dict[int, tuple[Adapter, TextRows]] = {}
-        shared: dict[int, list[tuple[int, str, list[int]]]] = {}
         for r, (name, texts) in enumerate(requests):
             try:
-                adapter = self.get(name)
+                encoded[r] = self.encode(name, texts)
             except AdaptextError as exc:
                 results[r] = exc
-                continue
-            rows = adapter.encode(texts)
-            results[r] = np.zeros((0, len(adapter.class_names)), dtype=np.float32)
-            if not rows.ids:
-                continue
-            encoded[r] = (adapter, rows)
-            if isinstance(adapter.runner, SharedBase):
-                shared.setdefault(id(adapter.runner), []).extend((r, name, ids) for ids in rows.ids)
-            else:
-                logits = adapter.runner.logits(rows.ids, self.batch_size)
-                results[r] = adapter.task.scores(adapter.windowing.pool_logits(logits, rows))
-        runners = {id(a.runner): a.runner for a in self.adapters.values()}
-        for key, shared_rows in shared.items():
-            logits = runners[key].logits([(name, ids) for _, name, ids in shared_rows], self.batch_size)
-            per_request: dict[int, list[np.ndarray]] = {}
-            for (r, _, _), row in zip(shared_rows, logits):
-                per_request.setdefault(r, []).append(row)  # in each request's row order
-            for r, row_list in per_request.items():
-                adapter, rows = encoded[r]
-                results[r] = adapter.task.scores(adapter.windowing.pool_logits(np.stack(row_list), rows))
+        logits = self.row_logits([(adapter, rows.ids) for adapter, rows in encoded.values()])
+        for (r, (adapter, rows)), row_logits in zip(encoded.items(), logits):
+            results[r] = row_logits if isinstance(row_logits, AdaptextError) else adapter.scores(rows, row_logits)
         return results
 
     def describe(self) -> list[dict[str, Any]]:
