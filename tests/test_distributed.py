@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,27 +127,50 @@ def test_fsdp_full_sharding_trains_like_one_process_and_saves_the_whole_head(
     assert run.stdout.count("epoch 6.00") == 1  # rank 0 alone prints
 
 
-def test_an_accelerate_fsdp_config_shards_and_resumes_after_a_kill(
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_accelerate_launch_with_an_fsdp_config_shards_and_resumes_after_a_kill(
     no_dropout_bert, topic_dir, tmp_path, single_process
 ):
-    """What `accelerate launch` sets for an FSDP config (ZeRO-2-like SHARD_GRAD_OP); a kill -9 in the
-    middle of the second checkpoint save, then --resume: the run ends as the uninterrupted one does."""
+    """A real `accelerate launch` with an FSDP2 config (reshard_after_forward false: ZeRO-2-like grad-op);
+    a kill -9 in the middle of the second checkpoint save, then --resume: the run ends as the
+    uninterrupted one-process run does."""
     out = tmp_path / "run"
     common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(out),
               "--checkpoint-steps", "5")  # fmt: skip
-    fsdp = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adaptext"]
-    killed = subprocess.run([*launch, *common], capture_output=True, text=True, timeout=600,
-                            env={**fsdp, "ADAPTEXT_FAULT_KILL_IN_SAVE": "2"})  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+              "--fsdp_reshard_after_forward", "false", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adaptext"]  # fmt: skip
+
+    def accelerate(*args: str, **env: str) -> subprocess.CompletedProcess:
+        port = ["--main_process_port", str(free_port())]
+        command = [*launch[:3], *port, *launch[3:], *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+
+    killed = accelerate(*common, ADAPTEXT_FAULT_KILL_IN_SAVE="2")
     assert killed.returncode != 0 and (out / "checkpoint" / "state.pt").is_file(), killed.stderr[-2000:]
     assert "shard: FSDP grad-op over 2 processes" in killed.stdout
-    resumed = subprocess.run([*launch, *common, "--resume"], capture_output=True, text=True, timeout=600, env=fsdp)
+    resumed = accelerate(*common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from_step"] == 5
     _same_training(single_process[0], out)
-    # Resuming the sharded checkpoint without sharding is refused in one line.
-    unsharded = run_cli(*common[:-2], "--checkpoint-steps", "5", "--resume")
+
+
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(no_dropout_bert, topic_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--epochs", "1",
+              "--output", str(out), "--checkpoint-steps", "3")  # fmt: skip
+    env = {**os.environ, "ADAPTEXT_FAULT_KILL_IN_SAVE": "2"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adaptext"]
+    killed = subprocess.run([*launch, *common, "--shard", "full"], capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode != 0 and (out / "checkpoint" / "state.pt").is_file()
+    unsharded = torchrun(*common, "--shard", "none", "--resume")
     assert unsharded.returncode != 0
+    assert "these differ (shard: 'full' -> 'none')" in unsharded.stdout + unsharded.stderr
 
 
 def test_fsdp_full_fine_tuning_saves_a_model_that_evaluates_as_trained(no_dropout_bert, topic_dir, tmp_path):
@@ -169,7 +193,8 @@ def test_fsdp_full_fine_tuning_saves_a_model_that_evaluates_as_trained(no_dropou
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "none", "hybrid sharding"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "none", "fsdp_offload_params"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "ZERO9"}, "none", "unknown FSDP_SHARDING_STRATEGY"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "full", "contradicts"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "full", "contradicts"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "none", "activation checkpointing"),
     ],
 )
 def test_sharding_settings_adaptext_does_not_carry_out_are_refused_in_one_line(
@@ -192,7 +217,16 @@ def test_sharding_settings_adaptext_does_not_carry_out_are_refused_in_one_line(
         ({"ACCELERATE_USE_FSDP": "true"}, "full"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "2"}, "grad-op"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "none"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, "grad-op"),
+        (
+            {
+                "ACCELERATE_USE_FSDP": "true",
+                "FSDP_VERSION": "2",
+                "FSDP_RESHARD_AFTER_FORWARD": "false",
+                "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+            },
+            "grad-op",
+        ),  # what accelerate 1.15 sets for an FSDP2 config
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}, "full"),
     ],
 )
 def test_accelerate_fsdp_configs_map_to_a_sharding(monkeypatch, environment, expected):

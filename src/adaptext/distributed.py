@@ -82,23 +82,31 @@ def sharding(requested: str) -> str:
         )
     if not _flag("ACCELERATE_USE_FSDP"):
         return requested
+    # accelerate's default "RAM-efficient loading" has transformers load the weights on rank 0 only and
+    # leave the others on the meta device, for accelerate to broadcast later: adaptext shards the model
+    # itself, so every process reads the weights (a base model is small next to the memory it trains in).
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     if _flag("FSDP_OFFLOAD_PARAMS"):
         raise AdaptextError(
             "the accelerate FSDP config offloads parameters to the CPU (fsdp_offload_params), which adaptext does "
             "not do; set it to false (an adapter's optimiser state is small)"
         )
-    strategy = os.environ.get("FSDP_SHARDING_STRATEGY")
-    if strategy is not None:
-        asked = strategy.upper()
-        if asked not in ACCELERATE_STRATEGIES:
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise AdaptextError(
+            "the accelerate FSDP config asks for activation checkpointing, which adaptext does not do; set "
+            "fsdp_activation_checkpointing to false (or lower --batch-size / --max-length to save memory)"
+        )
+    if os.environ.get("FSDP_VERSION", "1") == "2":  # FSDP2 configs: fsdp_reshard_after_forward true (full) or false
+        chosen = "full" if os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("true", "1") else "grad-op"
+    else:
+        strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+        if strategy.upper() not in ACCELERATE_STRATEGIES:
             raise AdaptextError(f"unknown FSDP_SHARDING_STRATEGY {strategy!r}; use FULL_SHARD or SHARD_GRAD_OP")
-        chosen = ACCELERATE_STRATEGIES[asked]
+        chosen = ACCELERATE_STRATEGIES[strategy.upper()]
         if chosen is None:
             raise AdaptextError(
                 f"FSDP {strategy} (hybrid sharding across nodes) is not supported; use FULL_SHARD or SHARD_GRAD_OP"
             )
-    else:  # FSDP2 configs say fsdp_reshard_after_forward: true (full) or false (grad-op)
-        chosen = "full" if os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("true", "1") else "grad-op"
     if requested not in ("none", chosen):
         raise AdaptextError(f"--shard {requested} contradicts the accelerate FSDP config ({chosen}); drop one of them")
     return chosen
