@@ -163,7 +163,7 @@ class FeatureCache:
         self, model: nn.Module, name: str, encoded: list[list[int]], pad_id: int, batch_size: int, precision: str
     ) -> None:
         """Run the frozen prefix over ``encoded`` once and keep every example's real-token states."""
-        from adaptext.train import autocast, collate, sorted_batches
+        from adaptext.train import autocast, collate, inference_batches
 
         device = next(model.parameters()).device
         lengths = [len(x) for x in encoded]
@@ -181,7 +181,7 @@ class FeatureCache:
         model.eval()
         try:
             with torch.no_grad():
-                for batch in sorted_batches(lengths, batch_size):
+                for batch in inference_batches(lengths, batch_size, device):
                     inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], pad_id).items()}
                     with contextlib.suppress(_Stop), autocast(precision, device):
                         model(**inputs)

@@ -141,7 +141,8 @@ def train_loop(
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
     With ``features`` (see adaptext.cache), the frozen lower layers run once over train and
-    validation at the start (counted in the training time) and every step runs only the layers above.
+    validation at the start (the train pass counted in the training time, the validation pass, like
+    the evaluations, in the wall time only) and every step runs only the layers above.
     With ``checkpointer``, the run's state is saved at epoch ends and every few steps; ``resume`` (a
     loaded checkpoint) continues such a run exactly where it stopped. With ``group`` (see
     adaptext.distributed), each process trains on its rows of every global batch.
@@ -217,8 +218,10 @@ def train_loop(
     model.train()
     started = wall_started = time.perf_counter()
     if features is not None:
-        for name, encoded in (("train", train_ids), ("validation", val_ids)):
-            features.build(model, name, encoded, pad_id, max(cfg.batch_size, 64), precision)
+        features.build(model, "train", train_ids, pad_id, max(cfg.batch_size, 64), precision)
+        val_started = time.perf_counter()
+        features.build(model, "validation", val_ids, pad_id, max(cfg.batch_size, 64), precision)
+        started += time.perf_counter() - val_started  # validation work, counted like the evaluation passes
     feed_val = (lambda b, w: features.feed("validation", b, w, device)) if features is not None else None
     attached = features.attached() if features is not None else contextlib.nullcontext()
     if resume is not None:
