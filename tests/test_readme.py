@@ -42,7 +42,10 @@ def test_every_flag_in_readme_exists():
         )
         assert bench.returncode == 0, bench.stderr
         known.update(re.findall(r"(--[a-z][a-z0-9-]+)", bench.stdout))
-    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
-    launchers = {"--standalone", "--nproc", "--nnodes", "--node", "--rdzv", "--num"}  # torchrun / accelerate's own
+    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", text))
+    launchers = {  # torchrun's and accelerate launch's own
+        "--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint",
+        "--num_processes", "--use_fsdp", "--fsdp_version", "--fsdp_reshard_after_forward",
+    }  # fmt: skip
     pip_pytest = {"--no-deps", "--quiet", "--upgrade", "--index-url", "--dist"}  # pip's and pytest-xdist's own
     assert used - known - launchers - pip_pytest == set()
