@@ -8,9 +8,6 @@ that names the file, the rows and the fix.
 
 from __future__ import annotations
 
-import ast
-import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +17,16 @@ import numpy as np
 import pandas as pd
 
 from adaptext.errors import AdaptextError, names
+from adaptext.labels import (
+    blank_rows,
+    build_label_names,
+    cells,
+    encode_labels,
+    guess_task,
+    raw_label_sets,
+    raw_labels,
+    raw_targets,
+)
 from adaptext.readers import Table, load_tables, read_table
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
@@ -72,54 +79,11 @@ def _pick_column(
     )
 
 
-def _blank_rows(values: list[Any]) -> list[int]:
-    """Indices of missing (None/NaN) or whitespace-only cells."""
-    return [
-        i
-        for i, v in enumerate(values)
-        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
-    ]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _cells(frame: pd.DataFrame, column: str, origin: str, what: str, lists: bool = False) -> list[Any]:
-    """A column's cells as plain Python scalars: numpy scalars unwrapped, bytes (Parquet binary columns)
-    decoded as UTF-8; a list, array or mapping in a cell (a multi-label or nested file) is refused unless
-    ``lists`` (multi-label labels), which passes lists and arrays on as lists."""
-    out = []
-    for row, value in enumerate(frame[column].tolist()):
-        if isinstance(value, (bytes, bytearray)):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise AdaptextError(
-                    f"{origin}: row {row} of {column!r} holds bytes that are not UTF-8 text ({_short(value)}); "
-                    "store that column as UTF-8 strings"
-                ) from None
-        elif lists and isinstance(value, (list, tuple, np.ndarray)):
-            value = [v.item() if isinstance(v, np.generic) else v for v in value]
-        elif isinstance(value, (list, tuple, dict, set, np.ndarray)):
-            kind = "mapping" if isinstance(value, dict) else "list"
-            fix = "give each row one label, or pass --task multi-label for a set of labels per row"
-            raise AdaptextError(
-                f"{origin}: row {row} of {column!r} holds a {kind} ({_short(value)}), not a single {what}; "
-                + (fix if what == "label" else "give one string per row")
-            )
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out.append(value)
-    return out
-
-
 def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
     parts = []
     for column in columns:
-        values = _cells(frame, column, origin, "text")
-        bad = _blank_rows(values)
+        values = cells(frame, column, origin, "text")
+        bad = blank_rows(values)
         if bad:
             raise AdaptextError(
                 f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
@@ -134,161 +98,6 @@ def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
                 "that is not one document: check the file's quoting and separators"
             )
     return texts
-
-
-def _filled_cells(frame: pd.DataFrame, column: str, origin: str, missing: str, fix: str) -> list[Any]:
-    """A label column's cells (see _cells), refusing missing or blank ones in one line."""
-    values = _cells(frame, column, origin, "label")
-    bad = _blank_rows(values)
-    if bad:
-        raise AdaptextError(
-            f"{origin}: {len(bad)} row(s) have {missing} in {column!r} (first at row {bad[0]}); "
-            f"remove or {fix} those rows"
-        )
-    return values
-
-
-def _raw_labels(frame: pd.DataFrame, column: str, origin: str) -> list[Any]:
-    values = _filled_cells(frame, column, origin, "no label", "label")
-    out = []
-    for v in values:
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, float):
-            raise AdaptextError(
-                f"{origin}: label {v!r} in {column!r} is not a class; classification needs integer or string labels "
-                "(pass --task regression to predict numbers)"
-            )
-        out.append(v.strip() if isinstance(v, str) else v)
-    return out
-
-
-def _is_list_cell(value: Any) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray))
-
-
-def guess_task(frame: pd.DataFrame, column: str) -> str:
-    """The task a label column implies: lists -> multi-label; non-integer numbers -> regression."""
-    values = [v for v in frame[column].tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if any(_is_list_cell(v) for v in values):
-        return "multi-label"
-    numbers = [v.item() if isinstance(v, np.generic) else v for v in values]
-    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        if any(isinstance(v, float) and not v.is_integer() for v in numbers):
-            return "regression"
-    return "single-label"
-
-
-def _raw_label_sets(frame: pd.DataFrame, column: str, origin: str, separator: str | None) -> list[list[Any]]:
-    """Multi-label cells as lists: list cells as they are, strings split at ``separator`` (or read as a
-    JSON / Python list literal, as pandas writes list columns to CSV). Blank cells and ``[]`` are rows
-    with no label."""
-    out = []
-    for row, value in enumerate(_cells(frame, column, origin, "label", lists=True)):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            value = []
-        elif isinstance(value, str):
-            text = value.strip()
-            if text.startswith("[") and text.endswith("]"):
-                value = _list_literal(text, origin, column, row)
-            elif separator is not None:
-                value = text.split(separator)
-            elif text:
-                value = [text]
-            else:
-                value = []
-        elif not isinstance(value, list):
-            value = [value]
-        labels = []
-        for item in value:
-            if isinstance(item, float) and item.is_integer():
-                item = int(item)
-            if isinstance(item, str):
-                item = item.strip()
-                if not item:
-                    continue
-            if isinstance(item, (float, list, dict)) or item is None:
-                raise AdaptextError(
-                    f"{origin}: row {row} of {column!r} has {_short(item)} in its label list; "
-                    "labels are class names or integer ids"
-                )
-            labels.append(item)
-        out.append(labels)
-    return out
-
-
-def _list_literal(text: str, origin: str, column: str, row: int) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            raise AdaptextError(
-                f"{origin}: row {row} of {column!r} looks like a list but does not parse ({_short(text)}); "
-                'write it as a JSON list, e.g. ["a", "b"]'
-            ) from None
-    if not isinstance(value, (list, tuple)):
-        raise AdaptextError(f"{origin}: row {row} of {column!r} is not a list of labels ({_short(text)})")
-    return list(value)
-
-
-def _raw_targets(frame: pd.DataFrame, column: str, origin: str) -> list[float]:
-    """Regression targets: finite numbers (numeric strings accepted), every row."""
-    values = _filled_cells(frame, column, origin, "no value", "fill")
-    out = []
-    for row, v in enumerate(values):
-        try:
-            number = float(v) if not isinstance(v, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise AdaptextError(
-                f"{origin}: row {row} of {column!r} holds {_short(v)}, not a finite number; "
-                "regression needs a number per row (or pass --task single-label for classes)"
-            )
-        out.append(number)
-    return out
-
-
-def build_label_names(raw: list[Any], declared: list[str] | None, origin: str) -> list[str]:
-    """Class names in label order: declared names if any, else the sorted distinct labels."""
-    if declared:
-        return list(declared)
-    # Distinct by the name a label is known by (1 and "1" are one class; True and 1 are two, though
-    # True == 1 in Python); numbers in numeric order first, then the rest by name.
-    by_name: dict[str, Any] = {}
-    for v in raw:
-        if str(v) not in by_name or _is_number(v):
-            by_name[str(v)] = v
-    order = sorted(by_name.items(), key=lambda item: (0, item[1], "") if _is_number(item[1]) else (1, 0, item[0]))
-    return [name for name, _ in order]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def encode_labels(
-    raw: list[Any], class_names: list[str], declared: bool, origin: str, label2id: dict[str, int] | None = None
-) -> list[int]:
-    """Map raw labels to ids: by class name first, else (declared names only) as an index."""
-    lookup = label2id or {name: i for i, name in enumerate(class_names)}
-    ids, unknown = [], []
-    for v in raw:
-        if str(v) in lookup:
-            ids.append(lookup[str(v)])
-        elif declared and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(class_names):
-            ids.append(v)
-        else:
-            unknown.append(v)
-    if unknown:
-        shown = ", ".join(repr(v) for v in sorted(set(map(str, unknown)))[:5])
-        raise AdaptextError(
-            f"{origin}: labels {shown} are not among the training classes "
-            f"({names(class_names)}); fix those rows or train on data that has them"
-        )
-    return ids
 
 
 def table_to_split(
@@ -307,16 +116,16 @@ def table_to_split(
     texts = table_texts(table, text_columns)
     label_col = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     if task == "regression":
-        return Split(texts, _raw_targets(frame, label_col, table.origin))
+        return Split(texts, raw_targets(frame, label_col, table.origin))
     if task == "multi-label":
-        sets = _raw_label_sets(frame, label_col, table.origin, separator)
+        sets = raw_label_sets(frame, label_col, table.origin, separator)
         flat = encode_labels([v for row in sets for v in row], class_names, declared, table.origin, label2id)
         labels, start = [], 0
         for row in sets:
             labels.append(sorted(set(flat[start : start + len(row)])))
             start += len(row)
         return Split(texts, labels)
-    labels = encode_labels(_raw_labels(frame, label_col, table.origin), class_names, declared, table.origin, label2id)
+    labels = encode_labels(raw_labels(frame, label_col, table.origin), class_names, declared, table.origin, label2id)
     return Split(texts, labels)
 
 
@@ -327,11 +136,11 @@ def table_label_names(
     if task == "regression":
         return [label_col], False
     if task == "multi-label":
-        raw = [v for row in _raw_label_sets(table.frame, label_col, table.origin, separator) for v in row]
+        raw = [v for row in raw_label_sets(table.frame, label_col, table.origin, separator) for v in row]
         if not raw and not table.class_names:
             raise AdaptextError(f"{table.origin}: no row has a label in {label_col!r}; label some rows")
     else:
-        raw = _raw_labels(table.frame, label_col, table.origin)
+        raw = raw_labels(table.frame, label_col, table.origin)
     names = build_label_names(raw, table.class_names, table.origin)
     return names, bool(table.class_names)
 
