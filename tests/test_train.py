@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import shutil
 
+import pandas as pd
 import pytest
 import torch
 
 from adaptext import api
 from adaptext.train import bucketed_batches, class_weight_tensor, collate, lr_factor, resolve_precision, sorted_batches
+from conftest import topic_rows
 
 
 def test_bucketed_batches_cover_everything_once_and_pad_little():
@@ -97,6 +100,27 @@ def test_early_stopping_and_evals_per_epoch(tiny_models, topic_dir, tmp_path):
     assert outcome.metrics["train"]["stopped_early"]
     assert len(outcome.metrics["history"]) == 3
     assert outcome.metrics["history"][0]["epoch"] == 0.5
+
+
+def test_the_saved_epoch_is_the_lowest_validation_loss_unless_told_otherwise(tiny_models, topic_dir, tmp_path):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for name in ("train", "test"):
+        shutil.copy(topic_dir / f"{name}.csv", folder / f"{name}.csv")
+    pd.DataFrame(topic_rows(24, seed=7)).to_csv(folder / "validation.csv", index=False)
+    outcome = quiet_train(tiny_models, folder, tmp_path, "by-loss", epochs=4, lr=5e-3)
+    history, best = outcome.metrics["history"], outcome.metrics["best"]
+    assert len(history) == 4 and best == min(history, key=lambda r: r["loss"])
+    # The saved weights are that evaluation's: the saved model, loaded afresh, scores its loss and accuracy.
+    again = api.evaluate(outcome.output, str(folder), split="validation")
+    assert again["loss"] == pytest.approx(best["loss"], abs=1e-5) and again["accuracy"] == best["accuracy"]
+    assert outcome.metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
+    chosen = quiet_train(tiny_models, folder, tmp_path, "by-acc", epochs=4, lr=5e-3, metric="accuracy")
+    history = chosen.metrics["history"]
+    assert chosen.metrics["best"] == next(r for r in history if r["accuracy"] == max(h["accuracy"] for h in history))
+    again = api.evaluate(chosen.output, str(folder), split="validation")
+    assert again["accuracy"] == chosen.metrics["best"]["accuracy"]
+    assert again["loss"] == pytest.approx(chosen.metrics["best"]["loss"], abs=1e-5)
 
 
 def test_grad_accumulation_counts_optimizer_steps(tiny_models, topic_dir, tmp_path):

@@ -215,15 +215,21 @@ def _train(
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
         for split in ("validation", "test"):
-            if split in encoded:
+            if split not in encoded:
+                continue
+            if split == "validation" and result.best_val_logits is not None and task.kind != "regression":
+                # The saved weights are that evaluation's, so its logits serve (regression's were in
+                # standardised units, before the target scale was folded into the head: those run again).
+                logits = result.best_val_logits
+            else:
                 rows = encoded[split]
                 logits = sharded_logits(model, rows.ids, tokenizer.pad_token_id, eval_batch, precision, device, group)
                 logits = windowing.pool_logits(logits, rows)
-                if split == "validation":  # multi-label: per-class thresholds, tuned here, used on test
-                    task = task.with_tuned_thresholds(
-                        dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold
-                    )
-                metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
+            if split == "validation":  # multi-label: per-class thresholds, tuned here, used on test
+                task = task.with_tuned_thresholds(
+                    dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold
+                )
+            metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
         metrics["train"] = {
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,

@@ -31,12 +31,16 @@ PROBLEM_TYPES = {
     "multi-label": "multi_label_classification",
     "regression": "regression",
 }
-# Selection metrics each task reports (``--metric``); "auto" picks the first.
+# Selection metrics each task reports (``--metric``).
 METRICS = {
     "single-label": ("accuracy", "macro_f1", "weighted_f1", "loss"),
     "multi-label": ("micro_f1", "macro_f1", "weighted_f1", "subset_accuracy", "loss"),
     "regression": ("rmse", "mae", "r2", "pearson", "spearman", "loss"),
 }
+# What "--metric auto" selects by. Single-label: the validation cross-entropy, as transformers' Trainer
+# does, because accuracy on a few hundred examples moves in steps of 0.5 points and often crowns an early
+# epoch by a couple of examples (docs/RESULTS.md: AG News at 500 examples, 0.835 -> 0.858 on test).
+AUTO_METRIC = {"single-label": "loss", "multi-label": "micro_f1", "regression": "rmse"}
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "mse")
 DEFAULT_THRESHOLD = 0.5
 
@@ -81,7 +85,7 @@ class Task:
         """``--metric`` for this task: "auto" becomes the task's usual one; a metric the task does not
         report is one AdaptextError line."""
         if metric == "auto":
-            return METRICS[self.kind][0]
+            return AUTO_METRIC[self.kind]
         if metric not in METRICS[self.kind]:
             raise AdaptextError(
                 f"--metric {metric} does not apply to {self.kind} data; choose one of {', '.join(METRICS[self.kind])}"

@@ -110,6 +110,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     resumed_from_step: int | None = None
+    best_val_logits: np.ndarray | None = None  # the best evaluation's (pooled) logits, so nobody recomputes them
 
 
 def planned_steps(n_train: int, cfg: Any) -> tuple[int, int, int]:
@@ -316,7 +317,7 @@ def train_loop(
                         if on_eval is not None:
                             on_eval(record)
                         if _better(metric, metrics[metric], result.best and result.best[metric]):
-                            result.best = record
+                            result.best, result.best_val_logits = record, val_logits
                             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                             bad_evals = 0
                         else:

@@ -350,7 +350,7 @@ def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = 
     optuna = require_optuna()
     check_plan(plan)
     depth, task = _check_inputs(plan.base)
-    # --metric auto means the task's usual metric (accuracy, micro_f1, rmse): the study needs its name.
+    # --metric auto means the task's usual metric (loss, micro_f1, rmse): the study needs its name.
     plan.base.metric = Task(task).resolve_metric(plan.base.metric)
     space = build_space(plan, depth)
     url = storage_url(plan)
