@@ -32,13 +32,11 @@ import yaml
 from adaptext import checkpoint, config
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
-from adaptext.tune_space import (  # noqa: F401 (re-exported: the search space is part of tune's API)
-    SEARCHABLE,
+from adaptext.tune_space import (  # noqa: F401 (default_space, top_layer_choices: re-exported for callers of tune)
     Dimension,
     build_space,
     default_space,
     describe,
-    read_space_file,
     show,
     top_layer_choices,
     trial_options,
