@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                       # full cases (about an hour on a 2-core CPU)
     python benchmarks/run.py --quick --json OUT.json   # AG News at 500 train / 2,000 test (< 15 min)
+    python benchmarks/run.py --quick --seeds 42,1,2    # also seeds 1 and 2 of expert vs adaptext (+4 min each)
 
 The JSON holds the acceptance ratios (train.time_ratio_vs_expert, train.time_ratio_vs_notebook,
 train.accuracy_delta_vs_expert_pt, head.speedup_vs_expert, infer.speedup_vs_peft,
@@ -60,6 +61,7 @@ def summarise(train: dict, infer: dict) -> dict:
             "accuracy_delta_vs_expert_pt": s["accuracy_delta_vs_expert_pt"],
             "time_to_expert_accuracy": s["time_to_expert_accuracy"],
             "mfu": {k: r["mfu"] for k, r in runs.items()},
+            **({"seeds": s["seeds"]} if "seeds" in s else {}),
         },
         "head": {
             "speedup_vs_expert": s["head_speedup_vs_expert"],
@@ -104,6 +106,17 @@ def document(train: dict, infer: dict, summary: dict, command: str, seconds: flo
     ]
     for case in train["cases"]:
         lines += [f"## Training: {case['case']} ({_settings(case['settings'])})", "", train_speed.table(case)]
+        if "seeds" in case:
+            lines += [
+                f"### Seed spread: expert vs adaptext LoRA, seeds {', '.join(map(str, case['seeds']['seeds']))}",
+                "",
+                "The table above is the first seed's run. Each further seed repeats the expert and adaptext "
+                "LoRA runs. A seed draws the training, validation and test slices as well as the "
+                "initialisation, dropout and batch order; both pipelines of one seed see the same slices, so "
+                "each row's gap is a paired comparison.",
+                "",
+                train_speed.seed_table(case["seeds"]),
+            ]
     lines += ["## Inference", "", infer_speed.table(infer)]
     lines += [
         "## Acceptance figures",
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, help="override every case's training examples (smoke tests)")
     parser.add_argument("--test-size", type=int, help="override every case's test examples (smoke tests)")
     parser.add_argument("--epochs", type=int, help="override every case's epochs (smoke tests)")
+    parser.add_argument("--seeds", type=train_speed.seed_list, default=(42,), help=train_speed.SEEDS_HELP)
     parser.add_argument("--json", type=Path, help="write the acceptance figures and every run here")
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "BENCHMARKS.md",
                         help="the Markdown report to regenerate ('' to skip)")  # fmt: skip
@@ -149,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(infer_speed.table(infer))
     summary = summarise(train, infer)
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    if len(args.seeds) > 1:
+        command += " --seeds " + ",".join(map(str, args.seeds))
     if args.json:
         args.json.write_text(json.dumps({**summary, "raw": {"train": train, "infer": infer}}, indent=2, default=str))
     if str(args.docs):
@@ -180,9 +196,11 @@ def run_training(args: argparse.Namespace, data_dir: Path, keep: Path) -> dict:
                 if v
             }
         )
-        result = train_speed.run_case(name, case, data_dir, peak, keep if i == 0 else None)
+        result = train_speed.run_case(name, case, data_dir, peak, keep if i == 0 else None, args.seeds)
         train["cases"].append(result)
         print(train_speed.table(result), flush=True)
+        if "seeds" in result:
+            print(train_speed.seed_table(result["seeds"]), flush=True)
     return train
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,23 @@ CASES = {
 }
 QUICK = {"agnews": {"train_size": 500, "test_size": 2000, "notebook_steps": 30, "notebook_eval": 200}}
 LORA_LR, HEAD_LR = 2e-3, 5e-3  # adaptext's defaults, given to the baselines too: only the pipeline differs
+
+
+SEEDS_HELP = (
+    "comma-separated seeds (default 42): the first gives every figure; each further one repeats the expert "
+    "and adaptext LoRA runs of each case, to show how much of the accuracy gap is seed noise"
+)
+
+
+def seed_list(value: str) -> tuple[int, ...]:
+    """``--seeds 42,1,2`` -> (42, 1, 2): distinct integers."""
+    try:
+        seeds = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of integers, e.g. 42,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{value!r} repeats a seed: give each seed once, e.g. 42,1,2")
+    return seeds
 
 
 def default_data_dir() -> Path:
@@ -83,18 +101,26 @@ def lengths(case: dict, data_dir: Path) -> tuple[list[int], list[int], Shape]:
     return lens["train"], lens["validation"], shape
 
 
-def run_case(name: str, case: dict, data_dir: Path, peak: float, keep: Path | None = None) -> dict:
-    """All pipelines on one case; ``keep`` saves adaptext's default model there (for infer_speed.py)."""
+def commands(case: dict, data_dir: Path, seed: int) -> tuple[list[str], list[str]]:
+    """The baseline's command (hf_baseline.py, epochs given) and adaptext's (adaptext_run.py, no epochs)."""
     py = sys.executable
     data = str(data_dir / case["data"])
-    common = ["--data", data, "--train-size", str(case["train_size"]), "--seed", "42", "--model", case["model"]]
+    common = ["--data", data, "--train-size", str(case["train_size"]), "--seed", str(seed), "--model", case["model"]]
     if case.get("test_size"):
         common += ["--test-size", str(case["test_size"])]
     if case.get("max_length"):
         common += ["--max-length", str(case["max_length"])]
+    baseline = [py, str(HERE / "hf_baseline.py"), *common, "--epochs", str(case["epochs"])]
+    return baseline, [py, str(HERE / "adaptext_run.py"), *common]
+
+
+def run_case(
+    name: str, case: dict, data_dir: Path, peak: float, keep: Path | None = None, seeds: tuple[int, ...] = (42,)
+) -> dict:
+    """All pipelines on one case with the first seed; ``keep`` saves adaptext's default model there (for
+    infer_speed.py). Every further seed repeats the expert and adaptext LoRA runs (seed spread)."""
     epochs = ["--epochs", str(case["epochs"])]
-    baseline = [py, str(HERE / "hf_baseline.py"), *common, *epochs]
-    ours = [py, str(HERE / "adaptext_run.py"), *common]
+    baseline, ours = commands(case, data_dir, seeds[0])
     print(f"{name}: {case}", flush=True)
     runs = {}
     limits = []
@@ -140,7 +166,75 @@ def run_case(name: str, case: dict, data_dir: Path, peak: float, keep: Path | No
     summary["time_ratio_vs_notebook"] = ours_run["wall_s"] / runs["notebook"]["wall_s"]
     if not runs["notebook"].get("projected"):
         summary["accuracy_delta_vs_notebook_pt"] = 100 * (ours_run["test_accuracy"] - runs["notebook"]["test_accuracy"])
-    return {"case": name, "settings": case, "runs": runs, "summary": summary}
+    pairs = [{"seed": seeds[0], "expert": expert, "adaptext": ours_run}]
+    for seed in seeds[1:]:
+        seed_baseline, seed_ours = commands(case, data_dir, seed)
+        expert_cmd = [*seed_baseline, "--style", "expert", "--method", "lora", "--lr", str(LORA_LR)]
+        pairs.append(
+            {
+                "seed": seed,
+                "expert": run_json(expert_cmd, f"expert, seed {seed}"),
+                "adaptext": run_json([*seed_ours, *epochs], f"adaptext, seed {seed}"),
+            }
+        )
+    result = {"case": name, "settings": case, "runs": runs, "summary": summary}
+    if len(pairs) > 1:
+        result["seeds"] = seed_spread(pairs)
+        summary["seeds"] = {k: v for k, v in result["seeds"].items() if k != "rows"}
+    return result
+
+
+def seed_spread(pairs: list[dict]) -> dict:
+    """Per seed, adaptext against the expert (test accuracy in points, wall-time ratio), and their mean
+    and sample standard deviation: how much of one run's accuracy gap is seed noise."""
+    rows = [
+        {
+            "seed": p["seed"],
+            "expert_accuracy": p["expert"]["test_accuracy"],
+            "adaptext_accuracy": p["adaptext"]["test_accuracy"],
+            "accuracy_delta_pt": 100 * (p["adaptext"]["test_accuracy"] - p["expert"]["test_accuracy"]),
+            "expert_wall_s": p["expert"]["wall_s"],
+            "adaptext_wall_s": p["adaptext"]["wall_s"],
+            "time_ratio": p["adaptext"]["wall_s"] / p["expert"]["wall_s"],
+        }
+        for p in pairs
+    ]
+    deltas = [r["accuracy_delta_pt"] for r in rows]
+    ratios = [r["time_ratio"] for r in rows]
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "accuracy_delta_pt_mean": statistics.fmean(deltas),
+        "accuracy_delta_pt_sd": statistics.stdev(deltas),
+        "expert_accuracy_mean": statistics.fmean(r["expert_accuracy"] for r in rows),
+        "adaptext_accuracy_mean": statistics.fmean(r["adaptext_accuracy"] for r in rows),
+        "time_ratio_mean": statistics.fmean(ratios),
+        "time_ratio_range": [min(ratios), max(ratios)],
+        "rows": rows,
+    }
+
+
+def seed_table(spread: dict) -> str:
+    """The per-seed comparison as Markdown, with its mean row."""
+    lines = [
+        "| seed | expert accuracy | adaptext accuracy | Δ points | expert wall s | adaptext wall s | wall ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in spread["rows"]:
+        lines.append(
+            f"| {r['seed']} | {r['expert_accuracy']:.4f} | {r['adaptext_accuracy']:.4f} | "
+            f"{r['accuracy_delta_pt']:+.2f} | {r['expert_wall_s']:.0f} | {r['adaptext_wall_s']:.0f} | "
+            f"{r['time_ratio']:.2f} |"
+        )
+    lo, hi = spread["time_ratio_range"]
+    lines += [
+        f"| mean | {spread['expert_accuracy_mean']:.4f} | {spread['adaptext_accuracy_mean']:.4f} | "
+        f"{spread['accuracy_delta_pt_mean']:+.2f} | | | {spread['time_ratio_mean']:.2f} |",
+        "",
+        f"- over {len(spread['rows'])} seeds: accuracy {spread['accuracy_delta_pt_mean']:+.2f} ± "
+        f"{spread['accuracy_delta_pt_sd']:.2f} points (mean ± sample SD of the per-seed gaps), "
+        f"wall ratio {spread['time_ratio_mean']:.2f} ({lo:.2f}–{hi:.2f})",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _acc(run: dict, key: str) -> str:
@@ -199,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", default=None, help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--seeds", type=seed_list, default=(42,), help=SEEDS_HELP)
     args = parser.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
     names = (args.cases or ("agnews" if args.quick else "agnews,imdb")).split(",")
@@ -209,9 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"peak_flops": peak, "quick": args.quick, "cases": []}
     for name in names:
         case = {**CASES[name], **(QUICK.get(name, {}) if args.quick else {})}
-        result = run_case(name, case, data_dir, peak)
+        result = run_case(name, case, data_dir, peak, seeds=args.seeds)
         results["cases"].append(result)
         print(table(result), flush=True)
+        if "seeds" in result:
+            print(seed_table(result["seeds"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -13,6 +13,7 @@ from transformers import BertConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from flops import Shape, forward_flops, run_flops, train_flops  # noqa: E402
+from train_speed import seed_list, seed_spread, seed_table  # noqa: E402
 
 
 def test_flop_formula_counts_matmuls_and_attention():
@@ -27,6 +28,33 @@ def test_flop_formula_counts_matmuls_and_attention():
     # head-only on a cache of every layer: the layers run once, over the cached examples only
     assert run_flops(shape, [10], 3, "head", cached_layers=6, cache_lens=[10, 10]) == 6 * 2 * one
     assert run_flops(shape, [10], 3, "lora", cached_layers=3, cache_lens=[10]) == 3 * one + 3 * 2 * 3 * one
+
+
+def test_seed_spread_pairs_each_seed_and_reports_mean_and_sd():
+    def pair(seed, expert_acc, ours_acc, expert_s, ours_s):
+        return {
+            "seed": seed,
+            "expert": {"test_accuracy": expert_acc, "wall_s": expert_s},
+            "adaptext": {"test_accuracy": ours_acc, "wall_s": ours_s},
+        }
+
+    spread = seed_spread([pair(42, 0.86, 0.85, 100, 80), pair(1, 0.80, 0.83, 120, 90), pair(2, 0.84, 0.84, 110, 88)])
+    assert spread["seeds"] == [42, 1, 2]
+    assert [round(r["accuracy_delta_pt"], 6) for r in spread["rows"]] == [-1.0, 3.0, 0.0]
+    assert spread["accuracy_delta_pt_mean"] == pytest.approx(2 / 3)
+    assert spread["accuracy_delta_pt_sd"] == pytest.approx(((5 / 3) ** 2 + (7 / 3) ** 2 + (2 / 3) ** 2) ** 0.5 / 2**0.5)
+    assert spread["time_ratio_range"] == [pytest.approx(0.75), pytest.approx(0.8)]
+    assert spread["adaptext_accuracy_mean"] == pytest.approx(0.84)
+    text = seed_table(spread)
+    assert "| 1 | 0.8000 | 0.8300 | +3.00 | 120 | 90 | 0.75 |" in text
+    assert "over 3 seeds: accuracy +0.67 ± 2.08 points" in text and "wall ratio 0.78 (0.75–0.80)" in text
+
+
+def test_seed_list_reads_distinct_integers_and_names_the_fix():
+    assert seed_list("42,1,2") == (42, 1, 2)
+    for bad, why in (("42,x", "comma-separated list of integers"), ("1,1", "repeats a seed")):
+        with pytest.raises(Exception, match=why):
+            seed_list(bad)
 
 
 @pytest.mark.e2e

@@ -38,6 +38,7 @@ from adaptext.batching import sorted_batches as sorted_batches
 from adaptext.batching import special_token_split as special_token_split
 from adaptext.batching import tokenize as tokenize
 from adaptext.cache import FeatureCache
+from adaptext.dropout import cpu_dropout
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
 from adaptext.tasks import class_weight_tensor as class_weight_tensor
@@ -231,8 +232,10 @@ def train_loop(
     def train_time() -> float:
         return trained_before + time.perf_counter() - started
 
+    # Cheap dropout masks on a CPU (adaptext.dropout); compiled graphs make their own.
+    cheap_masks = cpu_dropout(model, enabled=device.type == "cpu" and step_model is model)
     try:
-        with attached:
+        with attached, cheap_masks:
             while batch_no < total_batches:
                 epoch_rng = checkpoint.python_rng_to_tensor(rng)  # before this epoch's shuffle: resume replays it
                 for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng)):
