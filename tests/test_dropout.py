@@ -125,3 +125,29 @@ def test_the_context_routes_training_dropout_and_restores_everything():
     assert not any(isinstance(m, CpuDropout) for m in model.modules())
     with cpu_dropout(model, enabled=False) as swapped:
         assert swapped == 0 and ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+
+
+def test_bf16_autocast_training_takes_the_cheap_path_too(monkeypatch):
+    # --precision auto picks bf16 on CPUs with AMX: the masks, the attention math and the backward
+    # must work under CPU autocast as well.
+    import adaptext.dropout
+
+    calls = []
+    real = adaptext.dropout.math_attention
+    monkeypatch.setattr(adaptext.dropout, "math_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
+    x = torch.ones(4096, dtype=torch.bfloat16)
+    out = masked_dropout(x, 0.25)
+    assert out.dtype == torch.bfloat16
+    assert out.unique().tolist() == [0.0, pytest.approx(4 / 3, rel=1e-2)]
+    model = _tiny_bert()
+    model.train()
+    ids = torch.randint(1, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[2, 4:] = 0
+    with cpu_dropout(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(logits.float()).all()
+    assert calls == [torch.bfloat16] * 2  # both layers' attention went through the cheap masks
+    logits.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
