@@ -21,6 +21,7 @@ position bias, soft-capping) keep torch's own path.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,9 +35,7 @@ def draw(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor, i
     """Random 16-bit integers for a dropout mask of ``shape`` (four out of every 64-bit draw of torch's
     generator), the cut (an element is kept where its draw is at least the cut: probability
     ``1 - p`` to 1/65,536) and the scale that keeps the expected value. Needs ``0 < p < 1``."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     cut = round(p * LEVELS)
     # Over the full int64 range (from=-2**63, no upper bound) every one of the 64 bits is random;
     # a plain random_() leaves the top bit 0, which would bias every fourth mask.
@@ -68,6 +67,7 @@ class _Masked(torch.autograd.Function):
 
 
 def fast_path(x: torch.Tensor, p: float) -> bool:
+    """Whether ``x`` takes the cheap mask: a CPU floating-point tensor and 0 < p < 1."""
     return 0 < p < 1 and x.device.type == "cpu" and x.is_floating_point()
 
 
