@@ -11,7 +11,10 @@ layer: the frozen weights still pass gradients down). Layers below the lowest tr
 forward (or nothing on epochs that read them from adaptext's feature cache). Embedding lookups,
 LayerNorms, the head and the tiny LoRA matrices are left out (< 1% for these models). Only real
 (non-padding) tokens count, so padding shows up as lost utilisation: MFU = counted FLOPs / seconds /
-peak, where the peak is a large matmul timed on the same machine in the same run.
+peak, where the peak is a large matmul timed on the same machine in the same run, in the precision the
+pipeline ran in: a bf16 matmul runs at a different rate from an fp32 one (about 1.5x on AVX512-BF16,
+about 7x on AMX, about 16x on an H100), so every run measures each precision's peak (``matmul_peaks``)
+and divides each pipeline's FLOP/s by the peak of its own precision (``mfu``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from adaptext.precision import DTYPES  # precision name -> torch dtype, as adaptext's --precision names them
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,11 @@ def forward_flops(shape: Shape, seq_lens: list[int], layers: int | None = None) 
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
-    """Sustained FLOP/s of a square matmul (size chosen per device) on this machine right now."""
+    """Sustained FLOP/s of a square matmul (size chosen per device) on this machine right now.
+
+    bf16/fp16 inputs are multiplied as such: what the pipelines' autocast matmuls run once their
+    inputs are cast (the cast itself is the pipeline's cost, not the chip's peak).
+    """
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
@@ -93,6 +102,35 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds
         _sync(device)
         best = max(best, 5 * 2 * n**3 / (time.perf_counter() - started))
     return best
+
+
+def matmul_peaks(device: str = "cpu", seconds: float = 2.0) -> dict[str, float]:
+    """The matmul peak of every precision a pipeline may run in on this device, measured one after the
+    other: fp32 and bf16, plus fp16 on CUDA (adaptext's ``auto`` there when bf16 is missing)."""
+    names = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
+    return {name: matmul_peak(DTYPES[name], device, seconds) for name in names}
+
+
+def best_peaks(*measurements: dict[str, float]) -> dict[str, float]:
+    """Per precision, the highest of several ``matmul_peaks`` measurements: other processes on a shared
+    machine can only slow a measurement down, never speed it up, so the best one is the nearest to the
+    chip's rate (an MFU against a depressed peak would overstate utilisation)."""
+    return {name: max(m[name] for m in measurements) for name in measurements[0]}
+
+
+def describe_peaks(peaks: dict[str, float], unit: float = 1e9, unit_name: str = "GFLOP/s") -> str:
+    """``fp32 138 GFLOP/s, bf16 410 GFLOP/s`` for headers and progress lines."""
+    return ", ".join(f"{name} {flops / unit:,.0f} {unit_name}" for name, flops in peaks.items())
+
+
+def mfu(flops: float, seconds: float, precision: str, peaks: dict[str, float]) -> float | None:
+    """Model FLOPs utilisation against the measured peak of the precision the run used; None for int8
+    (its matmuls run on integer units whose peak is not measured)."""
+    if precision == "int8":
+        return None
+    if precision not in peaks:
+        raise KeyError(f"no {precision} matmul peak was measured (have {', '.join(peaks)})")
+    return flops / seconds / peaks[precision]
 
 
 def _sync(device: str) -> None:

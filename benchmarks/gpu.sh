@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One NVIDIA GPU (H100/H200 class), under 8 minutes: LoRA and full fine-tuning throughput of adaptext's
 # training loop for MiniLM and MPNet at length 128, batch 64, bf16 (eager and torch.compile), inference
-# throughput, and MFU against the chip's bf16 peak.
+# throughput, and MFU against the matmul peak of each row's precision (bf16 on these GPUs), measured in the run.
 #   bash benchmarks/gpu.sh [OUT_DIR] [gpu_bench.py options, e.g. --minilm-path DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,11 @@
 """GPU throughput of adaptext's own training loop and inference path, with MFU.
 
-MiniLM and MPNet at sequence length 128, batch 64, bf16 autocast: LoRA (q, v, r=8) and full
-fine-tuning through ``adaptext.train.train_loop`` (the loop ``adaptext train`` runs), optionally
-``torch.compile``d, then inference with the LoRA merged through ``predict_logits``. Inputs are
+MiniLM and MPNet at sequence length 128, batch 64, adaptext's ``--precision auto`` (bf16 autocast on
+GPUs that have bf16, else fp16): LoRA (q, v, r=8) and full fine-tuning through
+``adaptext.train.train_loop`` (the loop ``adaptext train`` runs), optionally ``torch.compile``d, then
+inference with the LoRA merged through ``predict_logits``. Every row records its precision and its MFU
+is against the matmul peak of that precision, measured at the start of the same run (fp32, bf16 and
+fp16 on CUDA; flops.matmul_peaks). Inputs are
 synthetic token ids of exactly 128 tokens, so throughput does not depend on a dataset. Where a
 model's weights are not on the machine, it is built from its config with random weights: same
 shapes, same FLOPs, same speed.
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flops import Shape, forward_flops, matmul_peak, train_flops  # noqa: E402
+from flops import Shape, describe_peaks, forward_flops, matmul_peaks, mfu, train_flops  # noqa: E402
 
 # Dense bf16 tensor-core peak from NVIDIA's data sheets (SXM parts), for the nominal MFU column.
 NOMINAL_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -68,6 +71,7 @@ def synthetic(n: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]
 
 def train_case(name: str, path: str | None, method: str, compile_: bool, steps: int, device: torch.device):
     from adaptext import config, models
+    from adaptext.precision import resolve as resolve_precision
     from adaptext.train import train_loop
 
     model, heads, weights = build(name, path)
@@ -93,6 +97,7 @@ def train_case(name: str, path: str | None, method: str, compile_: bool, steps: 
         "weights": weights,
         "method": method,
         "compile": compile_,
+        "precision": resolve_precision(cfg.precision, device),  # what train_loop resolved "auto" to
         "warmup_s": round(warmup_s, 1),
         "samples_per_s": round(result.samples_per_second, 1),
         "tokens_per_s": round(result.tokens_per_second),
@@ -104,7 +109,8 @@ def train_case(name: str, path: str | None, method: str, compile_: bool, steps: 
 
 
 def infer_case(model, name: str, batch: int, n: int, device: torch.device):
-    from adaptext.train import predict_logits, resolve_precision
+    from adaptext.precision import resolve as resolve_precision
+    from adaptext.train import predict_logits
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -119,6 +125,7 @@ def infer_case(model, name: str, batch: int, n: int, device: torch.device):
     return {
         "model": name,
         "batch": batch,
+        "precision": precision,
         "samples_per_s": round(n / seconds, 1),
         "tokens_per_s": round(n * SEQ / seconds),
         "tflops": round(flops / seconds / 1e12, 1),
@@ -128,40 +135,49 @@ def infer_case(model, name: str, batch: int, n: int, device: torch.device):
 
 
 def markdown(report: dict) -> str:
-    peak, nominal = report["peak_bf16_flops"], report["nominal_bf16_flops"]
+    peaks, nominal = report["peaks"], report["nominal_bf16_flops"]
+    unit = 1e12 if report["device_name"] != "cpu" else 1e9
+    unit_name = "TFLOP/s" if unit == 1e12 else "GFLOP/s"
+
+    def measured(r: dict) -> str:
+        return f"{mfu(r['flops'], r['seconds'], r['precision'], peaks):.1%}"
+
+    def data_sheet(r: dict) -> str:  # the data sheet gives the dense bf16/fp16 tensor-core rate (equal on these)
+        return f"{r['flops'] / r['seconds'] / nominal:.1%}" if nominal and r["precision"] in ("bf16", "fp16") else "-"
+
     lines = [
         f"Device: {report['device_name']} · torch {report['torch']} · transformers {report['transformers']} · "
-        f"bf16 matmul peak measured in this run {peak / 1e12:.0f} TFLOP/s"
-        + (f" (data sheet {nominal / 1e12:.0f})" if nominal else ""),
+        f"matmul peaks measured in this run: {describe_peaks(peaks, unit, unit_name)}"
+        + (f" (bf16 data sheet {nominal / 1e12:.0f} TFLOP/s)" if nominal else ""),
         "",
-        f"Training (sequence length {SEQ}, batch {BATCH}, bf16 autocast, adaptext's loop):",
+        f"Training (sequence length {SEQ}, batch {BATCH}, adaptext's loop with `--precision auto`):",
         "",
-        "| model | weights | method | compile | samples/s | tokens/s | TFLOP/s | MFU (measured peak) | MFU (data sheet) "
-        "| GPU peak MB | warm-up s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | weights | method | compile | precision | samples/s | tokens/s | TFLOP/s "
+        "| MFU (measured peak of its precision) | MFU (data sheet) | GPU peak MB | warm-up s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["train"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['method']} | {r['compile']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | | {r['method']} | {r['compile']} | | failed: {r['error']} | | | | | | |")
             continue
-        mfu_nominal = f"{r['flops'] / r['seconds'] / nominal:.1%}" if nominal else "-"
         lines.append(
-            f"| {r['model']} | {r['weights']} | {r['method']} | {'yes' if r['compile'] else 'no'} | "
-            f"{r['samples_per_s']:,.0f} | {r['tokens_per_s']:,} | {r['tflops']} | {r['flops'] / r['seconds'] / peak:.1%} "
-            f"| {mfu_nominal} | {r['gpu_peak_mb']} | {r['warmup_s']} |"
+            f"| {r['model']} | {r['weights']} | {r['method']} | {'yes' if r['compile'] else 'no'} | {r['precision']} | "
+            f"{r['samples_per_s']:,.0f} | {r['tokens_per_s']:,} | {r['tflops']} | {measured(r)} "
+            f"| {data_sheet(r)} | {r['gpu_peak_mb']} | {r['warmup_s']} |"
         )
-    lines += ["", "Inference (LoRA merged, bf16, length-sorted batches):", ""]
+    lines += ["", "Inference (LoRA merged, `--precision auto`, length-sorted batches):", ""]
     lines += [
-        "| model | batch | samples/s | tokens/s | TFLOP/s | MFU (measured peak) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | batch | precision | samples/s | tokens/s | TFLOP/s | MFU (measured peak of its precision) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["infer"]:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['samples_per_s']:,.0f} | {r['tokens_per_s']:,} | {r['tflops']} | "
-            f"{r['flops'] / r['seconds'] / peak:.1%} |"
+            f"| {r['model']} | {r['batch']} | {r['precision']} | {r['samples_per_s']:,.0f} | {r['tokens_per_s']:,} | "
+            f"{r['tflops']} | {measured(r)} |"
         )
     lines += ["", "MFU counts real-token FLOPs (formula in benchmarks/flops.py): full fine-tuning 3x the forward, "
-              "LoRA 2x (frozen weights still pass gradients down)."]  # fmt: skip
+              "LoRA 2x (frozen weights still pass gradients down); each row's against the peak of the "
+              "precision it ran in."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -181,17 +197,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peaks = matmul_peaks(device.type)
     report = {
         "device_name": name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "peak_bf16_flops": matmul_peak(dtype, device.type),
+        "peaks": peaks,
+        "peak_bf16_flops": peaks["bf16"],  # kept for readers of older reports
         "nominal_bf16_flops": nominal_peak(name),
         "train": [],
         "infer": [],
     }
-    print(f"{name}: matmul peak {report['peak_bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"{name}: matmul peaks {describe_peaks(peaks, 1e12, 'TFLOP/s')}", flush=True)
     compiled = [m for m in args.compile.split(",") if m]
     for model_name in args.models.split(","):
         path = args.minilm_path if model_name == "minilm" else args.mpnet_path

@@ -76,9 +76,11 @@ class CountingCollator:
 
 
 def pick_precision(style: str) -> str:
+    """The precision this pipeline trains in, decided as its user would (recorded in its JSON: the
+    harness computes its MFU against that precision's measured matmul peak)."""
     import torch
 
-    from adaptext.train import cpu_has_fast_bf16  # the same hardware test adaptext uses
+    from adaptext.precision import cpu_has_fast_bf16  # the same hardware test adaptext uses
 
     if style == "notebook":
         return "fp32"

@@ -1,10 +1,13 @@
 """Inference speed on the 7,600 AG News test texts: adaptext's predict path vs a plain PeftModel.
 
-Baseline: the saved adapter loaded with ``AutoPeftModelForSequenceClassification`` (LoRA unmerged),
-fp32, batches of 64 in dataset order with dynamic padding (``tokenizer(..., padding=True)``) — what a
+Baseline: the base model loaded with ``AutoModelForSequenceClassification`` and the saved adapter
+attached with ``PeftModel.from_pretrained`` (LoRA unmerged; the model card's recipe for a machine
+where the adapter's ``base_model_name_or_path``, a Hub id, is not cached), fp32, batches of 64 in dataset order with dynamic padding (``tokenizer(..., padding=True)``) — what a
 careful user writes. adaptext: ``adaptext.load(dir)`` (LoRA merged, length-sorted batches, bf16 where
 the hardware has it) and, when exported, ONNX Runtime fp32 and int8. Every timing includes
-tokenisation; each path is warmed up on 128 texts first.
+tokenisation; each path is warmed up on 128 texts first. Each row records the precision it ran in
+(torch: the model's dtype or adaptext's resolved ``auto``; ONNX: fp32 or int8) and its MFU is against
+the matmul peak of that precision, measured in the same run (int8: no MFU, its peak is not measured).
 
     python benchmarks/infer_speed.py [--model DIR] [--quick] [--json OUT.json]
 """
@@ -24,7 +27,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from flops import Shape, forward_flops, matmul_peak  # noqa: E402
+from flops import DTYPES, Shape, describe_peaks, forward_flops, matmul_peaks, mfu  # noqa: E402
 from train_speed import default_data_dir  # noqa: E402
 
 BATCH = 64
@@ -39,14 +42,21 @@ def test_texts(data_dir: Path, limit: int | None) -> tuple[list[str], list[int]]
 
 
 def peft_baseline(model_dir: Path):
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
+    """(logits function, precision it runs in): the adapter on its base, as loaded by peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adaptext.models import resolve_model
 
     labels = json.loads((model_dir / "labels.json").read_text())
+    # The adapter names its base by Hub id; the benchmark runs offline, so load the local copy of that base
+    # (adaptext only finds the files; loading and inference are plain transformers + peft).
+    base_name = json.loads((model_dir / "adaptext.json").read_text())["base_model"]["name"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(base_name).path, num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"]
-    ).eval()
+    model = PeftModel.from_pretrained(base, model_dir).eval()
 
     def logits(texts: list[str]) -> np.ndarray:
         out = []
@@ -57,15 +67,18 @@ def peft_baseline(model_dir: Path):
                 out.append(model(**enc).logits.float().numpy())
         return np.concatenate(out)
 
-    return logits
+    dtype = next(model.parameters()).dtype
+    return logits, next(name for name, known in DTYPES.items() if known == dtype)
 
 
 def adaptext_backend(model_dir: Path, backend: str):
+    """(logits function, precision it runs in) for adaptext's torch path (``auto``) or an ONNX export."""
     import adaptext
 
     if backend == "torch":
-        return adaptext.load(model_dir).logits
-    return adaptext.load(model_dir, backend=backend).logits
+        classifier = adaptext.load(model_dir)
+        return classifier.logits, classifier.precision
+    return adaptext.load(model_dir, backend=backend).logits, "int8" if "int8" in backend else "fp32"
 
 
 def timed(fn, texts: list[str]) -> tuple[np.ndarray, float]:
@@ -103,10 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def measure(model_dir: Path, data_dir: Path, limit: int | None) -> dict:
+def measure(model_dir: Path, data_dir: Path, limit: int | None, peaks: dict[str, float] | None = None) -> dict:
+    """Every path over the test texts; MFU against ``peaks`` (flops.matmul_peaks; measured here if None)."""
     texts, labels = test_texts(data_dir, limit)
     labels = np.array(labels)
-    peak = matmul_peak(torch.float32, "cpu")
+    if peaks is None:
+        peaks = matmul_peaks("cpu")
+        print(f"matmul peaks on this machine: {describe_peaks(peaks)}", flush=True)
     from adaptext import models
     from adaptext.artifacts import load_model
 
@@ -117,9 +133,14 @@ def measure(model_dir: Path, data_dir: Path, limit: int | None) -> dict:
     del loaded, models
 
     rows = {}
-    base_logits, base_s = timed(peft_baseline(model_dir), texts)
+    base_fn, base_precision = peft_baseline(model_dir)
+    base_logits, base_s = timed(base_fn, texts)
     base_pred = base_logits.argmax(1)
-    rows["peft (unmerged, fp32, dynamic padding, batch 64)"] = {"seconds": base_s, "pred": base_pred}
+    rows[f"peft (unmerged, {base_precision}, dynamic padding, batch 64)"] = {
+        "seconds": base_s,
+        "pred": base_pred,
+        "precision": base_precision,
+    }
     backends = ["torch"]
     try:
         from adaptext import export
@@ -130,33 +151,44 @@ def measure(model_dir: Path, data_dir: Path, limit: int | None) -> dict:
     except Exception as exc:  # the onnx extra is optional
         print(f"ONNX backends skipped: {str(exc).splitlines()[0]}", flush=True)
     for backend in backends:
-        logits, seconds = timed(adaptext_backend(model_dir, backend), texts)
-        rows[f"adaptext {backend}"] = {"seconds": seconds, "pred": logits.argmax(1)}
-    out = {"n": len(texts), "peak_flops": peak, "rows": {}}
+        logits_fn, precision = adaptext_backend(model_dir, backend)
+        logits, seconds = timed(logits_fn, texts)
+        rows[f"adaptext {backend}"] = {"seconds": seconds, "pred": logits.argmax(1), "precision": precision}
+    out = {"n": len(texts), "flops": flops, "rows": {}}
     for name, row in rows.items():
         out["rows"][name] = {
+            "precision": row["precision"],
             "samples_per_s": len(texts) / row["seconds"],
             "seconds": row["seconds"],
             "speedup_vs_peft": base_s / row["seconds"],
             "same_predictions": float((row["pred"] == base_pred).mean()),
             "accuracy": float((row["pred"] == labels).mean()),
             "accuracy_delta_pt": 100 * float((row["pred"] == labels).mean() - (base_pred == labels).mean()),
-            # int8 matmuls run against another (higher) peak: an fp32 MFU of them would mislead.
-            "mfu": None if "int8" in name else flops / row["seconds"] / peak,
         }
+    score(out, peaks)
     return out
+
+
+def score(result: dict, peaks: dict[str, float]) -> None:
+    """(Re)compute every row's MFU against the peak of its precision; int8 rows get None (their matmuls
+    run against another, higher peak that is not measured: an fp32 MFU of them would mislead)."""
+    # peak_flops (the fp32 peak) stays for readers of older results; peaks has one entry per precision.
+    result.update(peak_flops=peaks["fp32"], peaks=peaks)
+    for row in result["rows"].values():
+        row["mfu"] = mfu(result["flops"], row["seconds"], row["precision"], peaks)
 
 
 def table(result: dict) -> str:
     lines = [
-        f"Inference on {result['n']:,} AG News test texts (tokenisation included):",
+        f"Inference on {result['n']:,} AG News test texts (tokenisation included; MFU against the matmul peak "
+        f"of each row's precision, measured in this run: {describe_peaks(result['peaks'])}):",
         "",
-        "| path | texts/s | speedup vs peft | same predictions | accuracy | Δ accuracy (points) | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | precision | texts/s | speedup vs peft | same predictions | accuracy | Δ accuracy (points) | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["rows"].items():
         lines.append(
-            f"| {name} | {r['samples_per_s']:.0f} | {r['speedup_vs_peft']:.2f}x | {r['same_predictions']:.2%} | "
+            f"| {name} | {r['precision']} | {r['samples_per_s']:.0f} | {r['speedup_vs_peft']:.2f}x | {r['same_predictions']:.2%} | "
             f"{r['accuracy']:.4f} | {r['accuracy_delta_pt']:+.2f} | "
             + ("— (int8)" if r["mfu"] is None else f"{r['mfu']:.1%}")
             + " |"

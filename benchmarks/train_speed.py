@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from flops import Shape, matmul_peak, run_flops  # noqa: E402
+from flops import Shape, best_peaks, describe_peaks, matmul_peaks, mfu, run_flops  # noqa: E402
 
 CASES = {
     "agnews": {"data": "ag_news", "model": "minilm", "train_size": 1250, "epochs": 3, "test_size": None},
@@ -115,10 +115,16 @@ def commands(case: dict, data_dir: Path, seed: int) -> tuple[list[str], list[str
 
 
 def run_case(
-    name: str, case: dict, data_dir: Path, peak: float, keep: Path | None = None, seeds: tuple[int, ...] = (42,)
+    name: str,
+    case: dict,
+    data_dir: Path,
+    peaks: dict[str, float],
+    keep: Path | None = None,
+    seeds: tuple[int, ...] = (42,),
 ) -> dict:
     """All pipelines on one case with the first seed; ``keep`` saves adaptext's default model there (for
-    infer_speed.py). Every further seed repeats the expert and adaptext LoRA runs (seed spread)."""
+    infer_speed.py). Every further seed repeats the expert and adaptext LoRA runs (seed spread). Each
+    run's MFU is against ``peaks[<the precision it recorded>]`` (flops.matmul_peaks)."""
     epochs = ["--epochs", str(case["epochs"])]
     baseline, ours = commands(case, data_dir, seeds[0])
     print(f"{name}: {case}", flush=True)
@@ -153,7 +159,7 @@ def run_case(
         cached = run.get("cached_layers", 0)
         # The cache's validation pass counts as evaluation (not in train_s), so only its train pass counts here.
         run["flops"] = run_flops(shape, train_lens, run_epochs, method, cached, train_lens)
-        run["mfu"] = run["flops"] / run["train_s"] / peak
+    score(runs, peaks)
     expert, ours_run = runs["expert"], runs["adaptext"]
     summary = {
         "time_ratio_vs_expert": ours_run["wall_s"] / expert["wall_s"],
@@ -182,6 +188,13 @@ def run_case(
         result["seeds"] = seed_spread(pairs)
         summary["seeds"] = {k: v for k, v in result["seeds"].items() if k != "rows"}
     return result
+
+
+def score(runs: dict, peaks: dict[str, float]) -> None:
+    """(Re)compute every run's MFU against the peak of the precision it recorded (adaptext's resolved
+    ``auto``, the expert's own bf16 test, the notebook's fp32)."""
+    for run in runs.values():
+        run["mfu"] = mfu(run["flops"], run["train_s"], run["precision"], peaks)
 
 
 def seed_spread(pairs: list[dict]) -> dict:
@@ -243,14 +256,14 @@ def _acc(run: dict, key: str) -> str:
 
 def table(result: dict) -> str:
     rows = [
-        "| pipeline | method | wall s | train s | train samples/s | real tokens/s | padding | peak RSS MB | MFU "
-        "| test accuracy | macro-F1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pipeline | method | precision | wall s | train s | train samples/s | real tokens/s | padding "
+        "| peak RSS MB | MFU | test accuracy | macro-F1 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in result["runs"].items():
         rows.append(
             f"| {key} | {r.get('method', 'lora')}{' (' + r['feature_cache'].split(' (')[0] + ')' if r.get('cached_layers') else ''} "
-            f"| {r['wall_s']:.0f} | {r['train_s']:.1f} | {r['train_samples_per_s']:.1f} | "
+            f"| {r['precision']} | {r['wall_s']:.0f} | {r['train_s']:.1f} | {r['train_samples_per_s']:.1f} | "
             f"{r['train_real_tokens_per_s']:,.0f} | {r['padding_fraction']:.0%} | {r['peak_rss_mb']:,.0f} | "
             f"{r['mfu']:.1%} | {_acc(r, 'test_accuracy')} | {_acc(r, 'test_macro_f1')} |"
         )
@@ -297,15 +310,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
     names = (args.cases or ("agnews" if args.quick else "agnews,imdb")).split(",")
-    import torch
-
-    peak = matmul_peak(torch.float32, "cpu")
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s ({os.cpu_count()} cores)", flush=True)
-    results = {"peak_flops": peak, "quick": args.quick, "cases": []}
+    start = matmul_peaks("cpu")
+    print(f"matmul peaks on this machine: {describe_peaks(start)} ({os.cpu_count()} cores)", flush=True)
+    results = {"quick": args.quick, "cases": []}
     for name in names:
         case = {**CASES[name], **(QUICK.get(name, {}) if args.quick else {})}
-        result = run_case(name, case, data_dir, peak, seeds=args.seeds)
-        results["cases"].append(result)
+        results["cases"].append(run_case(name, case, data_dir, start, seeds=args.seeds))
+    # Measured again at the end, the best of both per precision (as run.py does; see flops.best_peaks).
+    end = matmul_peaks("cpu")
+    peaks = best_peaks(start, end)
+    # peak_flops (the fp32 peak) stays for readers of older results; peaks has one entry per precision.
+    results.update(peak_flops=peaks["fp32"], peaks=peaks, peak_measurements={"start": start, "end": end})
+    print(f"matmul peaks used (best of start and end): {describe_peaks(peaks)}", flush=True)
+    for result in results["cases"]:
+        score(result["runs"], peaks)
         print(table(result), flush=True)
         if "seeds" in result:
             print(seed_table(result["seeds"]), flush=True)

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import BertConfig
+
+from adaptext.precision import cpu_has_fast_bf16, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from flops import Shape, forward_flops, run_flops, train_flops  # noqa: E402
+from flops import Shape, best_peaks, forward_flops, matmul_peaks, mfu, run_flops, train_flops  # noqa: E402
 from train_speed import seed_list, seed_spread, seed_table  # noqa: E402
 
 
@@ -28,6 +31,22 @@ def test_flop_formula_counts_matmuls_and_attention():
     # head-only on a cache of every layer: the layers run once, over the cached examples only
     assert run_flops(shape, [10], 3, "head", cached_layers=6, cache_lens=[10, 10]) == 6 * 2 * one
     assert run_flops(shape, [10], 3, "lora", cached_layers=3, cache_lens=[10]) == 3 * one + 3 * 2 * 3 * one
+
+
+def test_mfu_divides_by_the_peak_of_the_precision_the_run_used():
+    peaks = {"fp32": 100e9, "bf16": 700e9}
+    assert mfu(50e9, 1.0, "fp32", peaks) == pytest.approx(0.5)
+    assert mfu(350e9, 1.0, "bf16", peaks) == pytest.approx(0.5)  # not 3.5: bf16 runs against the bf16 peak
+    assert mfu(1e9, 1.0, "int8", peaks) is None  # no int8 peak is measured
+    with pytest.raises(KeyError, match="no fp16 matmul peak"):
+        mfu(1e9, 1.0, "fp16", peaks)
+
+
+def test_matmul_peaks_measures_fp32_and_bf16_in_one_call():
+    peaks = matmul_peaks("cpu", seconds=0.05)
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())
+    # A busy machine only slows a measurement down: of several, the best per precision counts.
+    assert best_peaks({"fp32": 3, "bf16": 9}, {"fp32": 5, "bf16": 7}) == {"fp32": 5, "bf16": 9}
 
 
 def test_seed_spread_pairs_each_seed_and_reports_mean_and_sd():
@@ -72,11 +91,28 @@ def test_run_py_smoke_writes_every_acceptance_figure(tmp_path):
     assert result["head"]["speedup_vs_expert"] > 0
     assert result["infer"]["speedup_vs_peft"] > 0 and "accuracy_delta_pt" in result["infer"]
     mfus = {**result["train"]["mfu"], **result["head"]["mfu"], **result["infer"]["mfu"]}
-    assert {"notebook", "expert", "adaptext", "expert-head", "adaptext-head"} <= set(mfus)
-    # int8 paths have no fp32 MFU (their matmuls run against another peak): None, said in the table.
-    assert all(0 < v < 1.5 for k, v in mfus.items() if "int8" not in k), mfus
-    assert all(v is None for k, v in mfus.items() if "int8" in k), mfus
+    precisions = {**result["train"]["precision"], **result["head"]["precision"], **result["infer"]["precision"]}
+    assert {"notebook", "expert", "adaptext", "expert-head", "adaptext-head"} <= set(mfus) == set(precisions)
+    # Both peaks come from the same run, and each MFU is against the peak of its own row's precision, so it
+    # stays below 1 whether a pipeline ran fp32 or bf16 (AMX CPUs run bf16 ~7x faster than fp32).
+    peaks = result["peaks"]
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values()), peaks
+    assert result["raw"]["train"]["peaks"] == result["raw"]["infer"]["peaks"] == peaks
+    assert result["raw"]["train"]["peak_flops"] == peaks["fp32"]  # kept for older readers
+    assert precisions["notebook"] == "fp32" and precisions["adaptext"] == resolve("auto", torch.device("cpu"))
+    assert precisions["expert"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert all(precisions[k] in peaks for k in precisions if "int8" not in k), precisions
+    assert all(0 < v < 1.5 for k, v in mfus.items() if "int8" not in k), (mfus, precisions, peaks)
+    # int8 paths have no MFU (their matmuls run against a peak not measured): None, said in the table.
+    assert all(v is None and precisions[k] == "int8" for k, v in mfus.items() if "int8" in k), mfus
     runs = result["raw"]["train"]["cases"][0]["runs"]
+    for run in runs.values():
+        assert run["mfu"] == pytest.approx(run["flops"] / run["train_s"] / peaks[run["precision"]])
     assert runs["notebook"]["padding_fraction"] > 0.5 > runs["adaptext"]["padding_fraction"]
     text = doc.read_text()
     assert "## Training: agnews" in text and "## Inference" in text and "adaptext / expert wall time" in text
+    assert f"Matmul peaks measured in the same run (best of its start and end): fp32 {peaks['fp32'] / 1e9:,.0f}" in text
+    measured = result["raw"]["train"]["peak_measurements"]
+    assert peaks == {k: max(measured["start"][k], measured["end"][k]) for k in peaks}
+    assert "| pipeline | method | precision |" in text and "| path | precision |" in text
+    assert f"| adaptext | lora | {precisions['adaptext']} |" in text
