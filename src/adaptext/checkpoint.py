@@ -30,7 +30,7 @@ STATE_FILE = "state.pt"
 FORMAT = 1
 AUTO_SECONDS = 60.0  # "about once a minute of work" when --checkpoint-steps is not given
 # Options that may differ between the interrupted run and its resumption (they do not change the result).
-FREE_OPTIONS = ("output", "overwrite", "resume", "checkpoint_steps", "tensorboard", "log_every")
+FREE_OPTIONS = ("output", "overwrite", "resume", "checkpoint_steps", "tensorboard", "report_to", "log_every")
 
 
 class UnusableCheckpoint(AdaptextError):
