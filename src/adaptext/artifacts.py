@@ -45,24 +45,33 @@ def is_peft(method: str) -> bool:
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an existing directory unless asked; fail before any training is done."""
+    """Refuse to clobber an existing directory unless asked; fail before any training is done.
+    Missing parent folders are fine: ``staged_dir`` creates them."""
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
         raise AdaptextError(f"output {str(path)!r} exists and is a file; choose another --output")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise AdaptextError(f"output directory {str(path)!r} already exists; pass --overwrite to replace it")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise AdaptextError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise AdaptextError(f"cannot write {str(path)!r}: folder {str(parent)!r} is not writable")
+    check_parents(path)
     return path
+
+
+def check_parents(path: Path) -> None:
+    """Missing folders above ``path`` are made in the nearest one that exists: it must be a writable folder."""
+    existing = next(p for p in path.resolve().parents if p.exists())
+    if not existing.is_dir():
+        raise AdaptextError(f"cannot write {str(path)!r}: {str(existing)!r} is a file; choose another --output")
+    if not os.access(existing, os.W_OK):
+        raise AdaptextError(f"cannot write {str(path)!r}: folder {str(existing)!r} is not writable")
 
 
 @contextlib.contextmanager
 def staged_dir(output: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``output``; on success swap it into place, on failure delete it."""
     output = output.resolve()
+    # `--output runs/exp1/model` works like Trainer's output_dir. Folders made here stay if the run
+    # fails; the output itself only ever appears complete.
+    output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     umask = os.umask(0)
     os.umask(umask)
@@ -103,7 +112,9 @@ def label_map(
 def save_model(model: nn.Module, tokenizer: Any, folder: Path, method: str, head_modules: list[str]) -> None:
     """Weights in safetensors only: a PEFT adapter (+head), the head alone, or the full model."""
     if is_peft(method):
-        model.save_pretrained(folder)
+        # adaptext never resizes the vocabulary; peft's "auto" would ask the Hub for the base's config
+        # to check (the base is named by its Hub id for aliases).
+        model.save_pretrained(folder, save_embedding_layers=False)
         # peft writes a stub README; adaptext writes its own model card later.
         (folder / "README.md").unlink(missing_ok=True)
     elif method in PARTIAL_METHODS:

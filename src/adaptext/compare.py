@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import config
+from adaptext import artifacts, config
 from adaptext.artifacts import HEAD_FILE, META_FILE, write_json
 from adaptext.errors import AdaptextError
 
@@ -103,9 +103,7 @@ def check_output(output: Path) -> None:
         raise AdaptextError(
             f"output directory {str(output)!r} exists and is not an adaptext compare directory; choose another --output"
         )
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise AdaptextError(f"cannot write {str(output)!r}: folder {str(parent)!r} does not exist")
+    artifacts.check_parents(output)  # missing parent folders are made (as for adaptext train)
 
 
 def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:

@@ -105,8 +105,14 @@ class ModelSource:
     path: str  # what from_pretrained loads (local dir or Hub id)
     hub_id: str | None  # portable name for other machines
 
+    @property
+    def portable_path(self) -> str:
+        """The base as saved files name it: an alias's folder (in a virtualenv or adaptext's cache)
+        exists on this machine only, so aliases give their Hub id; local directories stay paths."""
+        return self.hub_id or self.path
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "hub_id": self.hub_id}
+        return {"name": self.name, "path": self.portable_path, "hub_id": self.hub_id}
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -198,6 +204,8 @@ def load_classifier(
     except Exception as exc:
         raise _load_error(source, exc) from None
     model.config.pad_token_id = pad_token_id
+    # peft writes this as the adapter's base_model_name_or_path, which plain peft loads on any machine.
+    model.name_or_path = model.config.name_or_path = source.portable_path
     return model, new_modules(model, set(info.get("missing_keys", ())))
 
 

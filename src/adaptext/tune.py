@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import checkpoint, config
+from adaptext import artifacts, checkpoint, config
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
 from adaptext.tune_space import (  # noqa: F401 (default_space, top_layer_choices: re-exported for callers of tune)
@@ -115,8 +115,7 @@ def check_plan(plan: Plan) -> None:
         raise AdaptextError(
             f"output directory {str(output)!r} exists and is not an adaptext tune directory; choose another --output"
         )
-    if not output.resolve().parent.is_dir():
-        raise AdaptextError(f"cannot write {str(output)!r}: folder {str(output.resolve().parent)!r} does not exist")
+    artifacts.check_parents(output)  # missing parent folders are made (as for adaptext train)
 
 
 def storage_url(plan: Plan) -> str:
