@@ -21,6 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -64,10 +65,110 @@ def topic_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def run_cli(*args: str, cwd: Path | None = None, input: str | None = None, timeout: int = 600):
-    """Run the real CLI in a fresh process: `python -m adaptext ...`."""
+# ---------------------------------------------------------------- precision
+# `pytest --precision bf16` runs every test in bf16: it sets ADAPTEXT_PRECISION, which decides what
+# `--precision auto` means in this process and in every subprocess (CLI runs, servers, torchrun). The
+# default is fp32, the same on every CPU; .ci/run runs the parity tests (-m parity) again in bf16.
+# Parity tests compare through the helpers below, whose bounds come from adaptext.precision.
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "auto"),
+        help="what --precision auto means for the whole run (ADAPTEXT_PRECISION); auto: this machine's choice",
+    )
+
+
+def pytest_configure(config):
+    os.environ["ADAPTEXT_PRECISION"] = config.getoption("--precision")
+
+
+def pytest_report_header(config):
+    return f"adaptext precision: {run_precision()} (--precision {config.getoption('--precision')})"
+
+
+def run_precision() -> str:
+    """The precision `auto` resolves to in this test run."""
+    import torch
+
+    from adaptext.precision import resolve
+
+    return resolve("auto", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def precision() -> str:
+    return run_precision()
+
+
+def logit_bound(reference, precision: str | None = None, fp32: float = 1e-4) -> float:
+    """How far logits (or regression values) of two evaluations may differ: ``fp32`` in fp32, else the
+    documented bound of adaptext.precision for ``reference``."""
+    from adaptext.precision import logit_bound as bound
+
+    precision = precision or run_precision()
+    return fp32 if precision == "fp32" else bound(precision, np.asarray(reference))
+
+
+def assert_logits_close(actual, expected, precision: str | None = None, fp32: float = 1e-4, err_msg: str = ""):
+    bound = logit_bound(expected, precision, fp32)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=0, atol=bound, err_msg=err_msg)
+
+
+def assert_probs_close(actual, expected, logits, precision: str | None = None, fp32: float = 2e-5, err_msg=""):
+    """Probabilities (softmax or sigmoid) from logits within the bound move at most half of it."""
+    precision = precision or run_precision()
+    bound = fp32 if precision == "fp32" else logit_bound(logits, precision) / 2
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=0, atol=bound, err_msg=err_msg)
+
+
+def assert_labels_agree(actual: list, expected: list, logits, precision: str | None = None):
+    """Labels equal; in bf16, equal on every row whose top two logits are further apart than twice the
+    bound (a near-tie may go either way)."""
+    precision = precision or run_precision()
+    if precision == "fp32":
+        assert list(actual) == list(expected)
+        return
+    from adaptext.precision import decided_rows
+
+    decided = decided_rows(np.asarray(logits), logit_bound(logits, precision))
+    mismatched = [i for i, (a, e) in enumerate(zip(actual, expected)) if a != e and decided[i]]
+    assert not mismatched, f"labels differ on decided rows {mismatched}: {actual} vs {expected}"
+
+
+def assert_metrics_reproduced(again: dict, before: dict, logits, precision: str | None = None):
+    """Single-label metrics of one split scored twice (say, at training time and after a reload; ``before`` in
+    the run's precision): equal in fp32 (loss to 1e-4); in bf16 the loss within twice the logit bound and the
+    accuracy within the near-ties of ``logits`` (that split's logits), which alone may change a label."""
+    precision = precision or run_precision()
+    assert before["precision"] == precision
+    if precision == "fp32":
+        assert again["accuracy"] == before["accuracy"]
+        assert again["loss"] == pytest.approx(before["loss"], abs=1e-4)
+        assert again["confusion_matrix"] == before["confusion_matrix"]
+        return
+    from adaptext.precision import decided_rows
+
+    bound = logit_bound(logits, precision)
+    near_ties = int((~decided_rows(np.asarray(logits), bound)).sum())
+    assert abs(again["accuracy"] - before["accuracy"]) <= near_ties / len(logits) + 1e-12
+    assert again["loss"] == pytest.approx(before["loss"], abs=2 * bound)
+    if not near_ties:
+        assert again["confusion_matrix"] == before["confusion_matrix"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, input: str | None = None, timeout: int = 600, env: dict | None = None):
+    """Run the real CLI in a fresh process: `python -m adaptext ...` (``env``: variables added to ours)."""
     return subprocess.run(
-        [sys.executable, "-m", "adaptext", *args], capture_output=True, text=True, cwd=cwd, input=input, timeout=timeout
+        [sys.executable, "-m", "adaptext", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=input,
+        timeout=timeout,
+        env={**os.environ, **env} if env else None,
     )
 
 

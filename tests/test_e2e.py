@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, needs_shared_data, run_cli
+from conftest import (
+    SHARED_DATA,
+    assert_labels_agree,
+    assert_logits_close,
+    assert_probs_close,
+    needs_shared_data,
+    run_cli,
+)
 
 pytestmark = [pytest.mark.e2e, needs_shared_data()]
 
@@ -51,8 +59,10 @@ def test_train_evaluate_predict_on_ag_news(agnews_model, tmp_path):
     assert labels[0] == "Sports"
 
 
-def test_plain_peft_loads_the_minilm_adapter(agnews_model):
+def test_plain_peft_loads_the_minilm_adapter(agnews_model, tmp_path):
     import adaptext
+    from adaptext.models import ALIASES
+    from test_portable import MINILM_HUB_ID, hub_cache
 
     texts = ["Oil prices climb on supply fears", "New chip doubles battery life"]
     code = (
@@ -63,10 +73,16 @@ def test_plain_peft_loads_the_minilm_adapter(agnews_model):
         f"t = AutoTokenizer.from_pretrained({str(agnews_model)!r})\n"
         f"with torch.no_grad(): print(json.dumps(m(**t({texts!r}, padding=True, return_tensors='pt')).logits.tolist()))\n"
     )
-    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # The adapter names its base by Hub id: give plain peft the Hugging Face cache a download leaves.
+    hf_home = hub_cache(tmp_path / "hf-home", MINILM_HUB_ID, Path(ALIASES["minilm"].resolve()))
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert plain.returncode == 0, plain.stderr
-    ours = adaptext.load(agnews_model).logits(texts)
-    np.testing.assert_allclose(np.array(json.loads(plain.stdout)), ours, atol=1e-4)
+    plain_logits = np.array(json.loads(plain.stdout))
+    ours = adaptext.load(agnews_model, precision="fp32").logits(texts)  # plain peft runs fp32
+    np.testing.assert_allclose(plain_logits, ours, atol=1e-4)
+    # In the run's precision (bf16 on AMX CPUs): within that precision's bound of plain peft's fp32.
+    assert_logits_close(adaptext.load(agnews_model).logits(texts), plain_logits)
 
 
 @pytest.mark.slow
@@ -113,6 +129,7 @@ def test_serve_two_datasets_on_one_minilm_answers_like_predict(agnews_model, sst
     """AG News (4 labels) and SST-2 (2 labels) adapters in one server, one copy of MiniLM, same answers as predict."""
     import pandas as pd
 
+    import adaptext
     from test_serve import Server
 
     texts = {
@@ -134,10 +151,15 @@ def test_serve_two_datasets_on_one_minilm_answers_like_predict(agnews_model, sst
             assert cli.returncode == 0, cli.stderr
             expected = [json.loads(line) for line in cli.stdout.splitlines()]
             assert body["labels"] == labels[name]
-            for got, want in zip(body["results"], expected):
-                assert got["label"] == want["label"]
-                for label, p in want["probabilities"].items():
-                    assert got["probabilities"][label] == pytest.approx(p, abs=1e-4)
+            assert body["precision"] == expected[0]["precision"]
+            logits = adaptext.load(folder).logits(texts[name])  # the bounds of a bf16 comparison
+            assert_labels_agree([g["label"] for g in body["results"]], [w["label"] for w in expected], logits)
+            assert_probs_close(
+                [[g["probabilities"][label] for label in body["labels"]] for g in body["results"]],
+                [[w["probabilities"][label] for label in body["labels"]] for w in expected],
+                logits,
+                fp32=1e-4,
+            )
     finally:
         server.stop()
 

@@ -63,12 +63,40 @@ def test_class_weights_are_inverse_frequency():
     assert weights[1] / weights[0] == pytest.approx(3.0)
 
 
-def test_precision_auto_never_picks_slow_bf16_on_plain_cpus():
-    from adaptext.train import cpu_has_fast_bf16
+def test_precision_auto_never_picks_slow_bf16_on_plain_cpus(monkeypatch):
+    from adaptext.precision import cpu_has_fast_bf16
 
+    monkeypatch.delenv("ADAPTEXT_PRECISION", raising=False)  # the test run forces one: undo it here
     chosen = resolve_precision("auto", torch.device("cpu"))
     assert chosen == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_adaptext_precision_decides_auto_for_a_whole_run(monkeypatch):
+    from adaptext.errors import AdaptextError
+
+    cpu = torch.device("cpu")
+    for value, expected in (("bf16", "bf16"), ("fp32", "fp32"), (" BF16 ", "bf16")):
+        monkeypatch.setenv("ADAPTEXT_PRECISION", value)
+        assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("fp32", cpu) == "fp32"  # an explicit --precision still wins
+    monkeypatch.setenv("ADAPTEXT_PRECISION", "fp8")
+    with pytest.raises(AdaptextError, match="ADAPTEXT_PRECISION='fp8' is not one of fp32, bf16, fp16, auto"):
+        resolve_precision("auto", cpu)
+
+
+def test_precision_bounds_follow_from_the_format():
+    import numpy as np
+
+    from adaptext.precision import EPS, decided_rows, logit_bound
+
+    assert EPS["bf16"] == 2**-7 and EPS["fp16"] == 2**-10
+    logits = np.array([[4.0, -2.0], [0.30, 0.29], [0.9, -0.9]])
+    assert logit_bound("bf16", logits) == pytest.approx(2 * 2**-7 * 4.0)
+    assert logit_bound("bf16", logits[1:]) == pytest.approx(2 * 2**-7)  # small logits: the scale is floored at 1
+    assert logit_bound("fp32", logits) == 1e-4
+    # Row 1's top two are 0.01 apart, within twice the bound: its label may go either way in bf16.
+    assert decided_rows(logits, logit_bound("bf16", logits)).tolist() == [True, False, True]
 
 
 def quiet_train(tiny_models, topic_dir, tmp_path, name, **kw):

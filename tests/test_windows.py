@@ -22,7 +22,7 @@ from adaptext.export import export_onnx
 from adaptext.serve.registry import Registry
 from adaptext.train import special_token_split, tokenize
 from adaptext.windows import TextRows, Windowing, pool_windows, split_windows
-from conftest import TOPICS, run_cli
+from conftest import TOPICS, assert_labels_agree, assert_metrics_reproduced, assert_probs_close, run_cli
 from test_cli import assert_clean_failure
 from test_serve import Server
 
@@ -166,8 +166,9 @@ def test_models_saved_before_the_options_read_as_before():
 # ---------------------------------------------------------------- trained models
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", list(SETTINGS))
-def test_reload_reproduces_training_time_test_metrics_per_text(trained, long_dir, arch):
+def test_reload_reproduces_training_time_test_metrics_per_text(trained, long_dir, arch, precision):
     outcome = trained[arch]
     n_test = len(pd.read_csv(long_dir / "test.csv"))
     assert outcome.metrics["test"]["n"] == n_test  # metrics on texts, not on windows
@@ -175,9 +176,9 @@ def test_reload_reproduces_training_time_test_metrics_per_text(trained, long_dir
     saved = json.loads((outcome.output / "adaptext.json").read_text())["config"]
     assert saved["long_text"] == "sliding" and saved["stride"] == STRIDE
     again = adaptext.evaluate(outcome.output, str(long_dir), split="test")
-    assert again["accuracy"] == outcome.metrics["test"]["accuracy"]
-    assert again["loss"] == pytest.approx(outcome.metrics["test"]["loss"], abs=1e-4)
-    assert again["confusion_matrix"] == outcome.metrics["test"]["confusion_matrix"]
+    logits = adaptext.load(outcome.output).logits(pd.read_csv(long_dir / "test.csv")["text"].tolist())
+    assert again["precision"] == precision
+    assert_metrics_reproduced(again, outcome.metrics["test"], logits)
     if arch == "bert":  # LoRA on the top layer only: the layer below ran once over the windows, cached
         assert outcome.metrics["train"]["cached_layers"] == 1
 
@@ -198,6 +199,7 @@ def test_text_logits_are_its_windows_logits_pooled_by_hand(trained, arch):
     np.testing.assert_allclose(clf.logits(TEXTS), expected, atol=1e-5)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", list(SETTINGS))
 def test_predict_onnx_and_serve_agree_on_long_texts(trained, long_dir, arch):
     folder = trained[arch].output
@@ -205,27 +207,42 @@ def test_predict_onnx_and_serve_agree_on_long_texts(trained, long_dir, arch):
     torch_clf = adaptext.load(folder, precision="fp32")
     onnx_clf = adaptext.load(folder, backend="onnx")
     expected = torch_clf.predict_proba(TEXTS)
-    np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), expected, atol=1e-5)
+    np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), expected, atol=1e-5)  # ONNX runs fp32
     on_onnx = adaptext.evaluate(folder, str(long_dir), split="test", backend="onnx")
-    assert on_onnx["confusion_matrix"] == trained[arch].metrics["test"]["confusion_matrix"]
+    assert on_onnx["precision"] == "fp32"
+    # ONNX (fp32) against training-time metrics, which were computed in the run's precision.
+    test_logits = torch_clf.logits(pd.read_csv(long_dir / "test.csv")["text"].tolist())
+    on_torch = adaptext.evaluate(folder, str(long_dir), split="test")
+    assert_metrics_reproduced(
+        {**on_onnx, "precision": on_torch["precision"]}, trained[arch].metrics["test"], test_logits
+    )
     registry = Registry([folder.parent])
     registry.load(folder.name)
-    np.testing.assert_allclose(registry.probabilities([(folder.name, TEXTS)])[0], expected, atol=2e-5)
+    # serve in the run's precision against torch in fp32
+    assert_probs_close(registry.probabilities([(folder.name, TEXTS)])[0], expected, torch_clf.logits(TEXTS))
 
 
+@pytest.mark.parity
 def test_cli_evaluate_and_predict_use_the_saved_windows(trained, long_dir):
     folder = trained["gpt2"].output
     evaluated = run_cli("evaluate", "--model", str(folder), "--data", str(long_dir), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["confusion_matrix"] == trained["gpt2"].metrics["test"]["confusion_matrix"]
+    test_logits = adaptext.load(folder).logits(pd.read_csv(long_dir / "test.csv")["text"].tolist())
+    assert_metrics_reproduced(json.loads(evaluated.stdout), trained["gpt2"].metrics["test"], test_logits)
     predicted = run_cli("predict", "--model", str(folder), "--json", LONG_TEXT, "planet rocket")
     assert predicted.returncode == 0, predicted.stderr
-    expected = adaptext.load(folder).predict([LONG_TEXT, "planet rocket"])
-    for line, exp in zip(predicted.stdout.splitlines(), expected):
-        assert json.loads(line)["label"] == exp["label"]
-        assert json.loads(line)["score"] == pytest.approx(exp["score"], abs=1e-5)
+    clf = adaptext.load(folder)
+    expected = clf.predict([LONG_TEXT, "planet rocket"])
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    # A fresh process, the same precision and batches: the same numbers.
+    assert_labels_agree(
+        [r["label"] for r in rows], [e["label"] for e in expected], clf.logits([LONG_TEXT, "planet rocket"])
+    )
+    for row, exp in zip(rows, expected):
+        assert row["score"] == pytest.approx(exp["score"], abs=1e-5)
 
 
+@pytest.mark.parity
 def test_serve_pools_window_rows_of_many_adapters_sharing_batches(trained):
     root = trained["bert"].output.parent
     names = ["bert", "bert-truncate", "bert-ia3", "gpt2", "llama"]
@@ -237,9 +254,10 @@ def test_serve_pools_window_rows_of_many_adapters_sharing_batches(trained):
     rng = random.Random(0)
     requests = [(rng.choice(names), rng.sample(TEXTS, rng.randint(1, 4))) for _ in range(20)]
     refs = {name: dict(zip(TEXTS, adaptext.load(root / name).predict_proba(TEXTS))) for name in names}
+    ref_logits = {name: adaptext.load(root / name).logits(TEXTS) for name in names}
     for (name, texts), probs in zip(requests, registry.probabilities(requests)):
         assert probs.shape == (len(texts), 3)
-        np.testing.assert_allclose(probs, np.stack([refs[name][t] for t in texts]), atol=2e-5, err_msg=name)
+        assert_probs_close(probs, np.stack([refs[name][t] for t in texts]), ref_logits[name], err_msg=name)
     assert registry.get("bert").describe()["long_text"] == "sliding"
 
 
@@ -254,6 +272,7 @@ def histogram(server, name: str) -> tuple[dict[float, float], float, float]:
     return buckets, count, total
 
 
+@pytest.mark.parity
 def test_serve_cuts_long_requests_into_pieces_of_max_batch_rows_and_still_matches_predict(trained):
     """--max-batch-rows counts windows: a request of many windows runs in pieces of at most that many rows (seen in
     the server's own histograms of rows per micro-batch and per forward pass), each text pooled over all its
@@ -275,7 +294,7 @@ def test_serve_cuts_long_requests_into_pieces_of_max_batch_rows_and_still_matche
             status, body = srv.post("/v1/classify", {"adapter": name, "texts": texts})
             assert status == 200, body
             probs = [[result["probabilities"][label] for label in body["labels"]] for result in body["results"]]
-            np.testing.assert_allclose(probs, clf.predict_proba(texts), atol=2e-5, err_msg=name)
+            assert_probs_close(probs, clf.predict_proba(texts), clf.logits(texts), err_msg=name)
             rows += windows
         for metric in ("adaptext_batch_rows", "adaptext_forward_rows"):
             buckets, count, total = histogram(srv, metric)
@@ -284,6 +303,7 @@ def test_serve_cuts_long_requests_into_pieces_of_max_batch_rows_and_still_matche
 
         short_texts = ["planet rocket", "goal match", "profit bank"]  # one window each
         expected = dict(zip(short_texts, adaptext.load(root / "bert").predict_proba(short_texts)))
+        short_logits = adaptext.load(root / "bert").logits(short_texts)
         requests = short_texts * 8
         _, batches_before, _ = histogram(srv, "adaptext_batch_requests")
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -291,7 +311,7 @@ def test_serve_cuts_long_requests_into_pieces_of_max_batch_rows_and_still_matche
         for text, (status, body) in zip(requests, answers):
             assert status == 200, body
             got = [body["results"][0]["probabilities"][label] for label in body["labels"]]
-            np.testing.assert_allclose(got, expected[text], atol=2e-5)
+            assert_probs_close(got, expected[text], short_logits)
         _, batches_after, _ = histogram(srv, "adaptext_batch_requests")
         assert batches_after - batches_before < len(requests)  # some micro-batches served several requests
         buckets, count, _ = histogram(srv, "adaptext_batch_rows")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, distributed, models, tasks
+from adaptext import artifacts, checkpoint, config, data, distributed, models, reporting, tasks
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError, names
@@ -84,7 +84,8 @@ def train(
 
     Under ``torchrun`` (or ``accelerate launch``) the processes train together (see adaptext.distributed);
     only rank 0 prints and writes. ``on_eval`` receives every validation record as it is made (see
-    adaptext.train.train_loop); an exception it raises stops the run and nothing is saved.
+    adaptext.train.train_loop); an exception it raises stops the run and no model is saved (``report_to``
+    logs so far stay in the output directory, see adaptext.reporting).
     """
     cfg = resolve_config(cfg, **overrides)
     group = distributed.setup(cfg.shard)
@@ -186,7 +187,9 @@ def _train(
     if features is not None or layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
     stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
-    with stage as staging:
+    report_to = cfg.report_to if group.primary else None
+    resumed = resume_state is not None
+    with stage as staging, reporting.Reporter(report_to, output, cfg.to_dict(), echo, resumed) as reporter:
         result = train_loop(
             model,
             encoded["train"].ids,
@@ -207,7 +210,8 @@ def _train(
             val_pool=(lambda logits: windowing.pool_logits(logits, encoded["validation"]))
             if windowing.sliding
             else None,
-            on_eval=on_eval,
+            on_eval=reporter.with_eval(on_eval),
+            on_log=reporter.log_step,
             task=task,
         )
         if task.kind == "regression":
@@ -230,6 +234,7 @@ def _train(
                     dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold
                 )
             metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
+            metrics[split]["precision"] = precision  # what computed these logits (adaptext.precision)
         metrics["train"] = {
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
@@ -251,6 +256,9 @@ def _train(
         meta = {
             "format_version": artifacts.FORMAT_VERSION,
             "method": cfg.method,
+            # The precision training and its evaluations ran in: `adaptext evaluate` in the same one reproduces
+            # the training-time metrics (adaptext.precision says how closely in bf16).
+            "precision": precision,
             "base_model": source.to_dict(),
             "base_fingerprint": fingerprint,
             "head_modules": head_modules,
@@ -278,17 +286,20 @@ def _train(
             artifacts.write_json(staging / artifacts.META_FILE, meta)
             artifacts.write_json(staging / "metrics.json", metrics)
             (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-            (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
+            # The model is written: what follows is extra, and a failure there costs only itself.
+            with _extra("the model card", echo):
+                (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
             final = metrics.get("test") or metrics["validation"]
             if "confusion_matrix" in final:
-                save_confusion_png(
-                    final["confusion_matrix"],
-                    dataset.class_names,
-                    staging / "confusion_matrix.png",
-                    f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
-                )
-            if cfg.tensorboard:
-                _tensorboard(staging, result.history)
+                with _extra("the confusion matrix plot", echo):
+                    save_confusion_png(
+                        final["confusion_matrix"],
+                        dataset.class_names,
+                        staging / "confusion_matrix.png",
+                        f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
+                    )
+            with _extra("the training logs (--report-to)", echo):
+                reporter.finish(metrics, result.steps, staging)
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
@@ -414,16 +425,14 @@ def _target_scale(model: torch.nn.Module, targets: list[float], echo: Callable) 
     return Task("regression", mean=mean, std=std or 1.0)
 
 
-def _tensorboard(folder: Path, history: list[dict[str, Any]]) -> None:
+@contextlib.contextmanager
+def _extra(what: str, echo: Callable[[str], None]) -> Iterator[None]:
+    """Something written after the model (card, plot, logs): its failure is one warning, not a lost run.
+    Only Exception: Ctrl-C still stops the run."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise AdaptextError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
-    writer = SummaryWriter(str(folder / "runs"))
-    for record in history:
-        for key in ("loss", "accuracy", "macro_f1"):
-            writer.add_scalar(f"validation/{key}", record[key], record["step"])
-    writer.close()
+        yield
+    except Exception as exc:
+        echo(f"warning: could not write {what} ({reporting.cause(exc)}): the model is saved")
 
 
 def evaluate(
@@ -439,12 +448,14 @@ def evaluate(
     limit: int | None = None,
     base: str | None = None,
     backend: str = "torch",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of a trained model on a split or file (default: the data it was trained on, test split).
 
-    ``backend="onnx"``/``"onnx-int8"`` scores the ONNX export instead (see ``adaptext.export``).
+    ``backend="onnx"``/``"onnx-int8"`` scores the ONNX export instead (see ``adaptext.export``). The metrics
+    record the ``precision`` that computed them (``auto``: see ``adaptext.precision``).
     """
-    classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend)
+    classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend, precision=precision)
     cfg = classifier.meta["config"]
     spec = data_spec or cfg.get("data") or str(data.demo_data_dir())
     split_data = data.load_eval_split(
@@ -462,6 +473,7 @@ def evaluate(
         split_data = data.stratified_sample(split_data, limit, cfg.get("seed", 42))
     logits = classifier.logits(split_data.texts)
     metrics = classifier.task.metrics(split_data.labels, logits, classifier.class_names)
+    metrics["precision"] = classifier.precision
     if save is not None:
         out = Path(save)
         out.mkdir(parents=True, exist_ok=True)

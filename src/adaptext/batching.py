@@ -1,4 +1,4 @@
-"""Feeding the model: devices and precision, tokenisation (once), batching, and inference over batches.
+"""Feeding the model: devices, tokenisation (once), batching, and inference over batches.
 
 Training (adaptext.train), evaluation, prediction, export and serving all tokenise, pad and batch
 through these functions, so a reloaded model sees exactly the tensors it saw at training time.
@@ -6,10 +6,8 @@ through these functions, so a reloaded model sees exactly the tensors it saw at 
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from adaptext import distributed
+from adaptext.precision import autocast
 
 # A token is at least one character after whitespace is collapsed, so cutting texts at this many
 # characters per allowed token never changes the tokenised result, but avoids tokenising megabytes.
@@ -32,30 +31,6 @@ def seed_everything(seed: int) -> None:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 (elsewhere they crawl)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- tokenisation and batching

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptext.batching import collate, inference_batches
 from adaptext.errors import AdaptextError
+from adaptext.precision import autocast
 
 
 @dataclass
@@ -163,8 +165,6 @@ class FeatureCache:
         self, model: nn.Module, name: str, encoded: list[list[int]], pad_id: int, batch_size: int, precision: str
     ) -> None:
         """Run the frozen prefix over ``encoded`` once and keep every example's real-token states."""
-        from adaptext.train import autocast, collate, inference_batches
-
         device = next(model.parameters()).device
         lengths = [len(x) for x in encoded]
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()

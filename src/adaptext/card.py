@@ -72,6 +72,28 @@ def _results_table(kind: str, metrics: dict[str, Any]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def _base_note(path: str, base_id: str, num_labels: int, folder_name: str) -> str:
+    if path == base_id:
+        return (
+            f"The adapter names its base by its Hub id, `{base_id}`: the snippet above loads it wherever the Hub, or a "
+            "Hugging Face cache holding that model, is reachable."
+        )
+    return (
+        f"The adapter's `base_model_name_or_path` is `{path}`; on another machine load the base\n"
+        f"(`{base_id}`) with `AutoModelForSequenceClassification.from_pretrained(..., num_labels={num_labels})`\n"
+        f'and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.'
+    )
+
+
+def _precision_note(precision: str) -> str:
+    if precision == "fp32":
+        return ""
+    return (
+        f"; an evaluation in {precision} reproduces them within {precision}'s rounding, and one in fp32 "
+        "(`--precision fp32`) may differ in the last digits"
+    )
+
+
 def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
     cfg = meta["config"]
     kind = (meta.get("task") or {}).get("kind", "single-label")
@@ -120,9 +142,7 @@ model = AutoPeftModelForSequenceClassification.from_pretrained(
 tokenizer = AutoTokenizer.from_pretrained("{folder_name}")
 logits = model(**tokenizer(["your text"], return_tensors="pt")).logits
 ```
-The adapter's `base_model_name_or_path` is `{base["path"]}`; on another machine load the base
-(`{base_id}`) with `AutoModelForSequenceClassification.from_pretrained(..., num_labels={num_labels})`
-and attach this folder with `PeftModel.from_pretrained(base, "{folder_name}")`.
+{_base_note(base["path"], base_id, num_labels, folder_name)}
 """
     loss = cfg.get("loss", "cross-entropy") + (f" (gamma {cfg['focal_gamma']:g})" if cfg.get("loss") == "focal" else "")
     if cfg.get("class_weights"):
@@ -141,6 +161,8 @@ A {METHOD_NAMES.get(meta["method"], meta["method"])} {TASK_WORDS[kind]} fine-tun
 ## Results
 
 {_results_table(kind, metrics)}
+
+Computed in {final.get("precision") or metrics["train"]["precision"]}{_precision_note(final.get("precision") or metrics["train"]["precision"])}.
 
 Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = {params["trainable"]:,}
 ({params["trainable_percent"]:.3f}% of {params["total"]:,}). Training took {metrics["train"]["seconds"]:.1f} s

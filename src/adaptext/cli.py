@@ -153,6 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.limit,
         args.base,
         backend=args.backend,
+        precision=args.precision,
     )
     if args.json:
         print(json.dumps(metrics))
@@ -182,15 +183,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.model, batch_size=args.batch_size, precision=args.precision, base=args.base, backend=args.backend
     )
     results = classifier.predict(texts, top_k=args.top_k)
+    # Every output says what computed it: bf16 and fp32 can differ in the last digits (adaptext.precision).
+    precision = classifier.precision
     if args.output:
-        write_predictions(Path(args.output), texts, results, classifier.class_names)
-        print(f"wrote {len(results)} predictions to {args.output}")
+        write_predictions(Path(args.output), texts, results, classifier.class_names, precision)
+        print(f"wrote {len(results)} predictions to {args.output} ({precision})")
     elif args.json:
         for text, row in zip(texts, results):
-            print(json.dumps({"text": text, **row}, ensure_ascii=False))
+            print(json.dumps({"text": text, **row, "precision": precision}, ensure_ascii=False))
     else:
         for text, row in zip(texts, results):
             print(_result_line(row, text))
+        print(f"precision: {precision}", file=sys.stderr)
     return 0
 
 
@@ -261,9 +265,12 @@ def _serve(args: argparse.Namespace, options: Any) -> None:
     )
 
 
-def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> None:
+def write_predictions(
+    path: Path, texts: list[str], results: list[dict[str, Any]], class_names: list[str], precision: str
+) -> None:
     """CSV or JSONL by extension, written atomically. CSV columns: text, label, score, prob_<class>...
-    (single-label); text, labels (a JSON list), prob_<class>... (multi-label); text, value (regression)."""
+    (single-label); text, labels (a JSON list), prob_<class>... (multi-label); text, value (regression);
+    then the precision that computed them (every JSONL row has it too)."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):
         raise AdaptextError(f"--output {path}: use a .csv or .jsonl file name")
@@ -274,10 +281,11 @@ def write_predictions(path: Path, texts: list[str], results: list[dict[str, Any]
         with tmp.open("w", encoding="utf-8", newline="") as handle:
             if suffix == ".csv":
                 writer = csv.writer(handle)
-                writer.writerows(_csv_rows(texts, results, class_names))
+                rows = _csv_rows(texts, results, class_names)
+                writer.writerows([rows[0] + ["precision"]] + [row + [precision] for row in rows[1:]])
             else:
                 for text, row in zip(texts, results):
-                    handle.write(json.dumps({"text": text, **row}, ensure_ascii=False) + "\n")
+                    handle.write(json.dumps({"text": text, **row, "precision": precision}, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -313,6 +321,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
 
 
+PRECISION_HELP = (
+    "auto (bf16 on GPUs and CPUs with bf16 instructions, else fp32; ADAPTEXT_PRECISION decides it for a whole "
+    "run), fp32, bf16 or fp16; the output says which computed it"
+)
 BACKEND_HELP = "torch (default), onnx or onnx-int8: ONNX Runtime on the CPU, after adaptext export"
 
 
@@ -390,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="also write eval_metrics.json and confusion_matrix.png into this folder")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--backend", default="torch", help=BACKEND_HELP)
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS, help=PRECISION_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify texts (arguments, stdin lines, or --input FILE)")
@@ -401,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per text on stdout")
     p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.set_defaults(func=cmd_predict)
@@ -452,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass inside a micro-batch (default 64)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ METHODS = (
     "lora", "dora", "rslora", "adalora", "ia3", "vera", "loha", "lokr",
     "prompt", "prefix", "ptuning", "bitfit", "head", "full",
 )  # fmt: skip
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # adaptext.precision.PRECISIONS; config stays free of torch
 SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate", "sliding")
 WINDOW_POOLS = ("mean", "max")
@@ -37,6 +38,7 @@ LOSSES = ("cross-entropy", "focal")
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
 SHARDING = ("none", "full", "grad-op")
+REPORT_TO = ("tensorboard", "mlflow")  # each is also the package it needs (adaptext.reporting)
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
 TOP_LAYER_METHODS = ("lora", "dora", "rslora", "adalora", "vera", "loha", "lokr", "full")
 # Methods that would adapt only the top third of the layers unless told otherwise. Empty: measured,
@@ -188,7 +190,11 @@ class TrainConfig:
     )
     early_stopping: int | None = _f(None, "Stop after this many evaluations without improvement.")
     evals_per_epoch: int = _f(1, "Validation passes per epoch.")
-    precision: str = _f("auto", "auto (bf16 where the hardware has it), fp32, bf16 or fp16.")
+    precision: str = _f(
+        "auto",
+        "auto (bf16 on GPUs and on CPUs with bf16 instructions, AMX or AVX512-BF16; else fp32; the environment "
+        "variable ADAPTEXT_PRECISION decides it for a whole run), fp32, bf16 or fp16.",
+    )
     compile: bool = _f(
         False,
         "torch.compile the model for training: a slow first minute, then faster steps (mostly on GPU). "
@@ -213,7 +219,13 @@ class TrainConfig:
         "(default: about once a minute of training; 0: epoch ends only).",
     )
     log_every: int = _f(10, "Write a JSONL log line every N optimiser steps.")
-    tensorboard: bool = _f(False, "Also log to TensorBoard (if installed) under OUTPUT/runs.")
+    report_to: list[str] | None = _f(
+        None,
+        "Log while training to tensorboard (OUTPUT/runs), mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db) or "
+        "both (tensorboard,mlflow): the loss, lr and throughput every --log-every steps, every validation figure, "
+        "and the saved model's metrics.",
+    )
+    tensorboard: bool = _f(False, "Deprecated alias of --report-to tensorboard.")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -287,6 +299,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("loss", cfg.loss, LOSSES)
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
     _check_choice("shard", cfg.shard, SHARDING)
+    _check_report_to(cfg)
     if cfg.top_layers:
         if cfg.top_layers < 0:
             raise AdaptextError(f"--top-layers must be >= 0 (got {cfg.top_layers}); 0 adapts every layer")
@@ -361,6 +374,27 @@ def _check_task(cfg: TrainConfig) -> None:
             raise AdaptextError(f"--threshold must be between 0 and 1 (got {cfg.threshold}); 0.5 is the usual cut")
     if cfg.task == "regression":
         check_regression_options(cfg)
+
+
+def _check_report_to(cfg: TrainConfig) -> None:
+    """Known loggers whose packages are installed: a missing one is refused now, not after the training."""
+    wanted = list(dict.fromkeys(cfg.report_to or []))
+    for name in wanted:
+        _check_choice("report_to", name, REPORT_TO)
+    if cfg.tensorboard and "tensorboard" not in wanted:  # the older spelling
+        wanted.append("tensorboard")
+    for name in wanted:
+        if not _importable(name):
+            raise AdaptextError(f"--report-to {name} needs the {name} package; pip install {name}")
+    cfg.report_to = wanted or None
+
+
+def _importable(module: str) -> bool:
+    """Whether ``import module`` can find it, asked of the same finders an import asks (none imported here)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it; a module set to None in sys.modules
+        return False
 
 
 def check_regression_options(cfg: TrainConfig) -> None:

@@ -102,7 +102,15 @@ def ort_logits(session: Any, encoded: list[list[int]], pad_id: int, batch_size: 
 class OnnxClassifier:
     """A trained model run by ONNX Runtime on the CPU; the same interface as ``predict.Classifier``."""
 
-    def __init__(self, session: Any, tokenizer: Any, meta: dict[str, Any], class_names: list[str], batch_size: int):
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        meta: dict[str, Any],
+        class_names: list[str],
+        batch_size: int,
+        precision: str = "fp32",
+    ):
         self.session = session
         self.tokenizer = tokenizer
         self.meta = meta
@@ -112,6 +120,7 @@ class OnnxClassifier:
         self.long_text = str(meta["config"].get("long_text", "truncate"))
         self.windowing = Windowing.from_config(meta["config"])
         self.task = Task.from_meta(meta)
+        self.precision = precision
 
     def logits(self, texts: list[str]) -> np.ndarray:
         texts = check_texts(texts)
@@ -141,7 +150,8 @@ def load_onnx(folder: str | Path, quantized: bool = False, batch_size: int = 64)
     labels = artifacts.read_labels(folder)
     class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
-    return OnnxClassifier(session, tokenizer, meta, class_names, batch_size)
+    # int8: weights quantised per channel, activations at run time (fp32 otherwise)
+    return OnnxClassifier(session, tokenizer, meta, class_names, batch_size, "int8" if quantized else "fp32")
 
 
 # ---------------------------------------------------------------- export

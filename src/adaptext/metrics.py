@@ -140,7 +140,9 @@ def headline(metrics: dict[str, Any], prefix: str = "") -> str:
 
 def format_report(metrics: dict[str, Any]) -> str:
     """A plain-text table like sklearn's classification_report."""
-    lines = [f"n={metrics['n']}  " + headline(metrics)]
+    lines = [
+        f"n={metrics['n']}  " + headline(metrics) + (f"  ({metrics['precision']})" if "precision" in metrics else "")
+    ]
     per_class = metrics.get("per_class")
     if per_class:
         width = max(12, *(len(n) for n in per_class))

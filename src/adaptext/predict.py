@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from adaptext.artifacts import LoadedModel, load_model
+from adaptext.batching import pick_device, predict_logits
 from adaptext.errors import AdaptextError
+from adaptext.precision import resolve as resolve_precision
 from adaptext.tasks import Task
-from adaptext.train import pick_device, predict_logits, resolve_precision
 
 if TYPE_CHECKING:
     from adaptext.export import OnnxClassifier

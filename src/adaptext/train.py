@@ -24,14 +24,11 @@ from torch import nn
 from adaptext import checkpoint, distributed
 from adaptext.batching import CHARS_PER_TOKEN_CAP as CHARS_PER_TOKEN_CAP
 from adaptext.batching import TOKENIZE_CHUNK as TOKENIZE_CHUNK
-from adaptext.batching import autocast as autocast
 from adaptext.batching import bucketed_batches as bucketed_batches
 from adaptext.batching import collate as collate
-from adaptext.batching import cpu_has_fast_bf16 as cpu_has_fast_bf16
 from adaptext.batching import inference_batches as inference_batches
 from adaptext.batching import pick_device as pick_device
 from adaptext.batching import predict_logits as predict_logits
-from adaptext.batching import resolve_precision as resolve_precision
 from adaptext.batching import seed_everything as seed_everything
 from adaptext.batching import sharded_logits as sharded_logits
 from adaptext.batching import sorted_batches as sorted_batches
@@ -40,6 +37,9 @@ from adaptext.batching import tokenize as tokenize
 from adaptext.cache import FeatureCache
 from adaptext.dropout import cpu_dropout
 from adaptext.errors import AdaptextError
+from adaptext.precision import autocast as autocast
+from adaptext.precision import cpu_has_fast_bf16 as cpu_has_fast_bf16
+from adaptext.precision import resolve as resolve_precision
 from adaptext.tasks import Task, lower_is_better
 from adaptext.tasks import class_weight_tensor as class_weight_tensor
 from adaptext.tasks import focal_loss as focal_loss
@@ -139,6 +139,7 @@ def train_loop(
     group: distributed.Group | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     task: Task | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
@@ -151,7 +152,8 @@ def train_loop(
     With ``val_pool`` (sliding windows, see adaptext.windows), ``val_ids`` are windows and ``val_labels``
     belong to texts: validation logits are pooled per text before they are scored.
     ``on_eval`` is called with every validation record (epoch, step, metrics); an exception it raises
-    (say, a hyper-parameter search pruning the trial) ends training and propagates. ``task`` (see
+    (say, a hyper-parameter search pruning the trial) ends training and propagates; ``on_log`` likewise
+    with every training-log record (step, epoch, loss, lr, samples/s, tokens/s). ``task`` (see
     adaptext.tasks) sets the loss, the label tensors and the validation metrics (default: single-label);
     ``cfg.metric`` must be one of its metrics.
     """
@@ -285,11 +287,14 @@ def train_loop(
                         step += 1
                         elapsed = train_time()
                         if step % cfg.log_every == 0:
-                            _write(log, {
+                            step_record = {
                                 "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
                                 "loss": round(window_loss / max(window_n, 1), 5), "lr": cfg.resolved_lr() * factor,
                                 "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-                            })  # fmt: skip
+                            }  # fmt: skip
+                            _write(log, step_record)
+                            if on_log is not None:
+                                on_log(step_record)
                         bar.set_postfix(loss=f"{window_loss / max(window_n, 1):.4f}", sps=f"{seen / elapsed:.1f}")
                         if step % cfg.log_every == 0:
                             window_loss, window_n = 0.0, 0

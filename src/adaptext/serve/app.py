@@ -80,6 +80,7 @@ class ClassifyResponse(BaseModel):
     adapter: str
     task: str = Field(description="single-label, multi-label or regression")
     labels: list[str]
+    precision: str = Field(description="what computed the answers: fp32, bf16 or fp16 (see adaptext.precision)")
     results: list[Result]
 
 
@@ -321,6 +322,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
             "adapter": adapter.name,
             "task": adapter.task.kind,
             "labels": adapter.class_names,
+            "precision": adapter.runner.precision,
             "results": adapter.task.rank(probs, adapter.class_names, body.top_k),
         }
 

@@ -24,16 +24,11 @@ import torch
 from torch import nn
 
 from adaptext.artifacts import HEAD_FILE, SavedSettings, _base_source, _check_same_base, read_labels, read_meta
+from adaptext.batching import collate, inference_batches, pick_device, predict_logits
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer
-from adaptext.train import (
-    autocast,
-    collate,
-    inference_batches,
-    pick_device,
-    predict_logits,
-    resolve_precision,
-)
+from adaptext.precision import autocast
+from adaptext.precision import resolve as resolve_precision
 from adaptext.windows import TextRows
 
 SHAREABLE = ("lora", "rslora", "head")
@@ -121,7 +116,10 @@ class Adapter(SavedSettings):
             "max_length": self.max_length,
             "long_text": self.long_text,
             "shared_base": isinstance(self.runner, SharedBase),
+            # What this server computes in, and what the training-time metrics below were computed in.
+            "precision": self.runner.precision,
             "metrics": {k: v for k, v in test.items() if isinstance(v, (int, float))},
+            "metrics_precision": test.get("precision") or self.metrics.get("train", {}).get("precision"),
         }
 
 
@@ -438,5 +436,7 @@ class Registry:
         out = []
         for base in self.bases.values():
             params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
-            out.append({"model": base.source.name, "adapters": base.names, "parameters": params})
+            out.append(
+                {"model": base.source.name, "adapters": base.names, "parameters": params, "precision": base.precision}
+            )
         return out
