@@ -113,8 +113,9 @@ def document(train: dict, infer: dict, summary: dict, command: str, seconds: flo
         "wall s = the whole process (imports, loading, tokenising, training, test evaluation). MFU = FLOPs "
         "performed on real tokens / training seconds / the matmul peak of the precision the row ran in "
         "(its precision column), with the fp32 and bf16 peaks both measured in this run: a bf16 "
-        "matmul runs about 1.5x (AVX512-BF16) to 7x (AMX) faster than an fp32 one, so a bf16 row measured "
-        "against the fp32 peak would overstate its utilisation. Formula in benchmarks/flops.py.",
+        f"matmul ran {train['peaks']['bf16'] / train['peaks']['fp32']:.1f}x as fast as an fp32 one here (about 7x on "
+        "AMX), so a bf16 row measured against the fp32 peak would overstate its utilisation. The fp32 peak is the "
+        "faster of torch's and ONNX Runtime's matmul. Formula in benchmarks/flops.py.",
         "",
     ]
     for case in train["cases"]:

@@ -4,12 +4,10 @@ before any work; a crashed run keeps its logs; extras that fail after training c
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 import adaptext
@@ -17,6 +15,7 @@ from adaptext import api
 from adaptext.config import TrainConfig, validate
 from adaptext.errors import AdaptextError
 from conftest import TOPICS, run_cli
+from test_tasks import write_mixed_dir
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -25,29 +24,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-def mixed_rows(n: int, seed: int) -> list[dict]:
-    """One or two topics' words per text: the topics are its labels, the share of sports words its score."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topics = rng.sample(sorted(TOPICS), rng.choice([1, 2]))
-        words = [rng.choice(TOPICS[t]) for t in topics for _ in range(rng.randint(2, 5))]
-        rows.append(
-            {
-                "text": " ".join(words),
-                "topics": topics,
-                "score": 10 * sum(w in TOPICS["sports"] for w in words) / len(words),
-            }
-        )
-    return rows
-
-
 @pytest.fixture(scope="module")
 def mixed_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mixed")
-    pd.DataFrame(mixed_rows(80, 1)).to_parquet(folder / "train.parquet")
-    pd.DataFrame(mixed_rows(20, 2)).to_parquet(folder / "test.parquet")
-    return folder
+    return write_mixed_dir(tmp_path_factory.mktemp("mixed"), 80, 20)
 
 
 @pytest.fixture(autouse=True)

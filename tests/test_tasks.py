@@ -39,12 +39,16 @@ def mixed_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def write_mixed_dir(folder: Path, n_train: int, n_test: int) -> Path:
+    """train.parquet and test.parquet of ``mixed_rows``: a topics column (label lists) and a score column."""
+    pd.DataFrame(mixed_rows(n_train, 1)).to_parquet(folder / "train.parquet")
+    pd.DataFrame(mixed_rows(n_test, 2)).to_parquet(folder / "test.parquet")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def mixed_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mixed")
-    pd.DataFrame(mixed_rows(240, 1)).to_parquet(folder / "train.parquet")
-    pd.DataFrame(mixed_rows(60, 2)).to_parquet(folder / "test.parquet")
-    return folder
+    return write_mixed_dir(tmp_path_factory.mktemp("mixed"), 240, 60)
 
 
 def cfg(**kw) -> TrainConfig:
