@@ -152,3 +152,14 @@ def test_output_under_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(AdaptextError, match="is a file"):
         artifacts.check_output(tmp_path / "notes.txt" / "runs" / "model", overwrite=False)
+
+
+def test_compare_and_tune_outputs_may_have_missing_parents_too(tmp_path):
+    from adaptext import compare
+
+    compare.check_output(tmp_path / "studies" / "ag" / "compare")  # made by the study, as by train
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(AdaptextError, match="is a file"):
+        compare.check_output(tmp_path / "notes.txt" / "compare")
+    tune = run_cli("tune", "--data", "x", "--output", str(tmp_path / "notes.txt" / "study"), "--trials", "1")
+    assert tune.returncode == 2 and "notes.txt' is a file; choose another --output" in tune.stderr
