@@ -102,6 +102,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
     dataset = dataset_name(cfg.get("data"))
     final = metrics.get("test") or metrics.get("validation") or {}
     split = "test" if metrics.get("test") else "validation"
+    precision = final.get("precision") or metrics["train"]["precision"]  # older metrics: the training's
     header = {
         "base_model": base_id,
         "library_name": "peft" if is_peft(meta["method"]) else "transformers",
@@ -162,7 +163,7 @@ A {METHOD_NAMES.get(meta["method"], meta["method"])} {TASK_WORDS[kind]} fine-tun
 
 {_results_table(kind, metrics)}
 
-Computed in {final.get("precision") or metrics["train"]["precision"]}{_precision_note(final.get("precision") or metrics["train"]["precision"])}.
+Computed in {precision}{_precision_note(precision)}.
 
 Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = {params["trainable"]:,}
 ({params["trainable_percent"]:.3f}% of {params["total"]:,}). Training took {metrics["train"]["seconds"]:.1f} s

@@ -321,10 +321,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
 
 
-PRECISION_HELP = (
-    "auto (bf16 on GPUs and CPUs with bf16 instructions, else fp32; ADAPTEXT_PRECISION decides it for a whole "
-    "run), fp32, bf16 or fp16; the output says which computed it"
-)
+PRECISION_HELP = config.field_help()["precision"] + " The output says which computed it."
 BACKEND_HELP = "torch (default), onnx or onnx-int8: ONNX Runtime on the CPU, after adaptext export"
 
 

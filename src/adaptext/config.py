@@ -24,7 +24,7 @@ METHODS = (
     "lora", "dora", "rslora", "adalora", "ia3", "vera", "loha", "lokr",
     "prompt", "prefix", "ptuning", "bitfit", "head", "full",
 )  # fmt: skip
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # adaptext.precision.PRECISIONS; config stays free of torch
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: adaptext.precision
 SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate", "sliding")
 WINDOW_POOLS = ("mean", "max")

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaptext.config import PRECISIONS
 from adaptext.errors import AdaptextError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENV = "ADAPTEXT_PRECISION"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Machine epsilon (the spacing of numbers just above 1) of each precision.
