@@ -57,6 +57,11 @@ def peft_baseline(model_dir: Path):
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(base, model_dir).eval()
+    if json.loads((model_dir / "adaptext.json").read_text()).get("pooling") == "mean":
+        # Mean-pooled (MiniLM's own pooling): the model card's plain-transformers hook, as a user would run it.
+        from adaptext.card import MEAN_POOL_SNIPPET
+
+        exec(MEAN_POOL_SNIPPET, {"model": model})
 
     def logits(texts: list[str]) -> np.ndarray:
         out = []

@@ -58,9 +58,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def topic_dir(tmp_path_factory) -> Path:
-    """A split directory (train.csv, test.csv) with string labels."""
+    """A split directory (train.csv, validation.csv, test.csv) with string labels. The validation file is
+    explicit: 120 training rows are too few to carve one from (--validation-min-train)."""
     folder = tmp_path_factory.mktemp("topics")
     pd.DataFrame(topic_rows(40, seed=1)).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(topic_rows(5, seed=3)).to_csv(folder / "validation.csv", index=False)
     pd.DataFrame(topic_rows(10, seed=2)).to_csv(folder / "test.csv", index=False)
     return folder
 

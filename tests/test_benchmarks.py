@@ -116,3 +116,25 @@ def test_run_py_smoke_writes_every_acceptance_figure(tmp_path):
     assert peaks == {k: max(measured["start"][k], measured["end"][k]) for k in peaks}
     assert "| pipeline | method | precision |" in text and "| path | precision |" in text
     assert f"| adaptext | lora | {precisions['adaptext']} |" in text
+
+
+def test_fewshot_table_puts_the_arms_side_by_side_with_the_published_figure():
+    import fewshot
+
+    def row(dataset, method, mean, seeds, chance=False):
+        return {"dataset": dataset, "method": method, "train_size": "8/class", "status": "ok",
+                "accuracy_mean": mean, "accuracy_std": 0.01, "accuracy_per_seed": seeds, "train_seconds_mean": 30.0,
+                "at_or_below_chance": chance}  # fmt: skip
+
+    study = {
+        "rows": [row("ag_news", "lora", 0.85, [0.84, 0.86]), row("ag_news", "setfit", 0.82, [0.81, 0.83]),
+                 row("emotion", "lora", 0.30, [0.30, 0.30], chance=True),
+                 {"dataset": "emotion", "method": "setfit", "train_size": "8/class", "status": "failed"}],
+        "sizes": ["8/class"], "methods": ["lora", "setfit"], "model": "minilm",
+    }  # fmt: skip
+    lines = fewshot.table(study).splitlines()
+    assert lines[0].startswith("| data | size | lora accuracy | setfit accuracy |")
+    assert lines[2] == (
+        "| ag_news | 8/class | **0.850** ± 0.010 (0.840, 0.860) | **0.820** ± 0.010 (0.810, 0.830) | 30 | 30 | 0.831 | +3.0 |"
+    )
+    assert "⚠ chance" in lines[3] and "| failed |" in lines[3] and lines[3].endswith("| 0.391 | – |")

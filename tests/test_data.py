@@ -17,7 +17,9 @@ from conftest import SHARED_DATA, needs_shared_data, topic_rows
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(**kw)
+    # These tests are about loading and carving; the small-data policy (no carving under
+    # --validation-min-train examples) has its own in test_fewshot.py.
+    return TrainConfig(**{"validation_min_train": 0, **kw})
 
 
 @pytest.mark.parametrize("ext", ["csv", "tsv", "json", "jsonl", "parquet"])
@@ -34,7 +36,7 @@ def test_every_file_format_loads_the_same_examples(tmp_path, ext):
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
-    ds = data.load_training_data(cfg(data=str(path)))
+    ds = data.load_training_data(cfg(data=str(path), validation_min_train=0))
     assert ds.class_names == ["money", "space", "sports"]  # discovered and sorted
     total = len(ds.splits["train"]) + len(ds.splits["validation"])
     assert total == len(frame)
@@ -103,8 +105,10 @@ def test_stratified_train_size_keeps_class_balance_and_is_seeded(topic_dir):
     assert not set(a.splits["train"].texts) & set(a.splits["validation"].texts) - set(a.splits["train"].texts)
 
 
-def test_validation_is_carved_stratified_when_missing(topic_dir):
-    ds = data.load_training_data(cfg(data=str(topic_dir)))
+def test_validation_is_carved_stratified_when_missing(tmp_path):
+    pd.DataFrame(topic_rows(40, seed=1)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(topic_rows(10, seed=2)).to_csv(tmp_path / "test.csv", index=False)
+    ds = data.load_training_data(cfg(data=str(tmp_path), validation_min_train=0))
     assert sorted(set(ds.splits["validation"].labels)) == [0, 1, 2]
     assert "test" in ds.splits and len(ds.splits["test"]) == 30
     assert any("carved" in n for n in ds.notes)

@@ -61,6 +61,7 @@ def test_train_evaluate_predict_on_ag_news(agnews_model, tmp_path):
 
 def test_plain_peft_loads_the_minilm_adapter(agnews_model, tmp_path):
     import adaptext
+    from adaptext.card import MEAN_POOL_SNIPPET
     from adaptext.models import ALIASES
     from test_portable import MINILM_HUB_ID, hub_cache
 
@@ -71,8 +72,10 @@ def test_plain_peft_loads_the_minilm_adapter(agnews_model, tmp_path):
         "from transformers import AutoTokenizer\n"
         f"m = AutoPeftModelForSequenceClassification.from_pretrained({str(agnews_model)!r}, num_labels=4).eval()\n"
         f"t = AutoTokenizer.from_pretrained({str(agnews_model)!r})\n"
-        f"with torch.no_grad(): print(json.dumps(m(**t({texts!r}, padding=True, return_tensors='pt')).logits.tolist()))\n"
-    )
+        # MiniLM is mean-pooled (adaptext.pooling): the model card's hook puts that back in plain transformers
+        + MEAN_POOL_SNIPPET
+        + f"with torch.no_grad(): print(json.dumps(m(**t({texts!r}, padding=True, return_tensors='pt')).logits.tolist()))\n"
+    ).replace("model.get_base_model()", "m.get_base_model()")
     # The adapter names its base by Hub id: give plain peft the Hugging Face cache a download leaves.
     hf_home = hub_cache(tmp_path / "hf-home", MINILM_HUB_ID, Path(ALIASES["minilm"].resolve()))
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}

@@ -176,7 +176,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(unexported, topic_dir, tmp_pat
     for args, expected in cases:
         assert_clean_failure(run_cli(*args), expected)
     assert listing(unexported.parent) == before
-    assert sorted(p.name for p in topic_dir.iterdir()) == ["test.csv", "train.csv"]
+    assert sorted(p.name for p in topic_dir.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
     assert not tmp_path.joinpath("nope").exists()
 
 
@@ -198,7 +198,7 @@ def test_bad_export_and_backend_options(unexported, topic_dir, call, expected):
     with pytest.raises(AdaptextError, match=re.escape(expected)):
         call(unexported, topic_dir)
     assert listing(unexported.parent) == before
-    assert sorted(p.name for p in topic_dir.iterdir()) == ["test.csv", "train.csv"]
+    assert sorted(p.name for p in topic_dir.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
 
 
 def test_missing_onnx_packages_name_the_extra(unexported, exported, monkeypatch):

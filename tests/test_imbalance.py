@@ -217,7 +217,9 @@ def test_carved_validation_keeps_skewed_class_shares(tmp_path):
 def test_a_class_with_one_example_stays_in_training_and_the_rest_stays_stratified(tmp_path):
     counts = {"big": 200, "small": 20, "once": 1}
     for seed in range(3):  # sklearn cannot stratify with a singleton: it used to split all classes at random
-        ds = data.load_training_data(TrainConfig(data=str(skewed_file(tmp_path, counts)), seed=seed))
+        ds = data.load_training_data(
+            TrainConfig(data=str(skewed_file(tmp_path, counts)), seed=seed, validation_min_train=0)
+        )
         train = data.class_counts(ds.splits["train"].labels, ds.class_names)
         val = data.class_counts(ds.splits["validation"].labels, ds.class_names)
         assert train["once"] == 1 and "once" not in val

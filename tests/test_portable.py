@@ -25,19 +25,27 @@ PROBE_TEXTS = ["Oil prices climb on supply fears", "Striker scores twice in the 
 PLAIN_PEFT = """
 import sys
 sys.modules["adaptext"] = None  # any import of adaptext now fails
-import json, torch
-from peft import AutoPeftModelForSequenceClassification, PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import json, re, torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
 folder, hub_id, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+# The model card's own plain-peft snippet, run as written (it builds `model` and `tokenizer`; for a
+# mean-pooled model it defines and installs the `mean_pool` hook).
+card = open(folder + "/README.md").read()
+snippet = re.search(r"With plain `peft`.*?```python\\n(.*?)```", card, re.S).group(1)
+scope = {}
+exec(snippet, scope)
+auto, tokenizer = scope["model"].eval(), scope["tokenizer"]
 labels = json.load(open(folder + "/labels.json"))
 kwargs = dict(num_labels=labels["num_labels"], pad_token_id=labels["pad_token_id"], dtype=torch.float32)
-auto = AutoPeftModelForSequenceClassification.from_pretrained(folder, **kwargs).eval()
 base = AutoModelForSequenceClassification.from_pretrained(hub_id, **kwargs)
 manual = PeftModel.from_pretrained(base, folder).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
+if "mean_pool" in scope:
+    manual.get_base_model().base_model.register_forward_hook(scope["mean_pool"], with_kwargs=True)
 with torch.no_grad():
     out = {name: [m(**tokenizer([t], return_tensors="pt")).logits[0].tolist() for t in texts]
            for name, m in (("auto", auto), ("manual", manual))}
+    out["batch"] = auto(**tokenizer(texts, return_tensors="pt", padding=True)).logits.tolist()
 print(json.dumps(out))
 """
 
@@ -77,7 +85,7 @@ def test_minilm_adapter_names_its_hub_base_and_loads_elsewhere(tmp_path):
             for needle in (str(model_dir), "site-packages", sys.prefix):
                 assert needle.encode() not in data, f"{file.name} holds {needle}"
 
-    copy = tmp_path / "elsewhere" / "model"
+    copy = tmp_path / "elsewhere" / output.name  # the card's snippet names the folder as trained
     shutil.copytree(output, copy)
     hf_home = hub_cache(tmp_path / "hf-home", MINILM_HUB_ID, model_dir)
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
@@ -95,6 +103,8 @@ def test_minilm_adapter_names_its_hub_base_and_loads_elsewhere(tmp_path):
     ours = adaptext.load(output, precision="fp32").logits(PROBE_TEXTS)
     np.testing.assert_allclose(np.array(plain_logits["auto"]), ours, atol=1e-4)
     np.testing.assert_allclose(np.array(plain_logits["manual"]), ours, atol=1e-4)
+    np.testing.assert_allclose(np.array(plain_logits["batch"]), ours, atol=1e-4)  # padding does not leak in
+    assert artifacts.read_meta(output)["pooling"] == "mean"  # MiniLM's own: the snippet had to restore it
 
     # adaptext resolves the alias from the installed package, not from the Hub id (no HF cache here).
     assert artifacts._base_source(artifacts.read_meta(copy)).path == str(model_dir)

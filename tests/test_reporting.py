@@ -39,7 +39,7 @@ def local_mlflow(monkeypatch):
 def train(model_dir: Path, data_dir: Path, output: Path, lines: list[str] | None = None, **kw):
     settings = dict(
         data=str(data_dir), model=str(model_dir), output=str(output), epochs=2, batch_size=8, max_length=32,
-        lr=0.02, seed=3, log_every=2, checkpoint_steps=0,
+        lr=0.02, seed=3, log_every=2, checkpoint_steps=0, min_steps=0,  # these count evaluations
     )  # fmt: skip
     settings.update(kw)
     echo = lines.append if lines is not None else (lambda line: None)
@@ -141,7 +141,8 @@ def test_tensorboard_alias_through_the_cli(tiny_models, topic_dir, tmp_path):
     output = tmp_path / "cli"
     result = run_cli(
         "train", "--data", str(topic_dir), "--model", str(tiny_models["bert"]), "--output", str(output),
-        "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--log-every", "2", "--tensorboard", "--quiet",
+        "--epochs", "1", "--min-steps", "0", "--batch-size", "8", "--max-length", "32", "--log-every", "2",
+        "--tensorboard", "--quiet",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "report: tensorboard" in result.stdout

@@ -173,7 +173,7 @@ def test_tiny_model_learns_the_topic_task(tiny_models, topic_dir, tmp_path):
         for line in (outcome.output / "train_log.jsonl").read_text().splitlines()
         if '"loss"' in line and '"eval"' not in line
     ]
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5  # 120 rows since topic_dir has a validation file
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])

@@ -21,8 +21,8 @@ from conftest import run_cli
 
 optuna = pytest.importorskip("optuna")
 
-SMALL = ("--epochs", "2", "--evals-per-epoch", "2", "--batch-size", "8", "--max-length", "32", "--metric", "loss",
-         "--quiet")  # fmt: skip
+SMALL = ("--epochs", "2", "--min-steps", "0", "--evals-per-epoch", "2", "--batch-size", "8", "--max-length", "32",
+         "--metric", "loss", "--quiet")  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)

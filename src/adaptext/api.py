@@ -19,15 +19,17 @@ import numpy as np
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, distributed, models, reporting, tasks
+from adaptext import artifacts, checkpoint, config, data, distributed, models, probe, reporting, tasks
 from adaptext import cache as feature_cache
 from adaptext.card import model_card
 from adaptext.errors import AdaptextError, names
 from adaptext.metrics import format_report, save_confusion_png
+from adaptext.pooling import of as pooling_of
 from adaptext.predict import load
 from adaptext.tasks import Task
 from adaptext.train import (
     pick_device,
+    planned_epochs,
     planned_steps,
     resolve_precision,
     seed_everything,
@@ -135,8 +137,9 @@ def _train(
     train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
     id2label = dict(enumerate(dataset.class_names))
     model, head_modules = models.load_classifier(
-        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type
+        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type, cfg.pooling
     )
+    pooling = pooling_of(model)
     fingerprint = artifacts.base_fingerprint(model)
     model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
     if task.kind == "regression":
@@ -144,7 +147,7 @@ def _train(
     if task.kind == "multi-label":
         tasks.init_label_priors(model, train_labels, dataset.num_labels)
     params = models.count_params(model, head_modules)
-    echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters)")
+    echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters, {pooling} pooling)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
     layers = feature_cache.adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
     span = ",".join(map(str, layers or []))
@@ -164,11 +167,19 @@ def _train(
 
     device = group.device() if group.active else pick_device()
     model.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    head_start: dict[str, Any] = {"kind": _head_init(cfg, task, pooling)}
+    contrast = contrastive_weight(cfg, pooling) if task.kind == "single-label" else 0.0
+    if head_start["kind"] == "probe":  # before sharding: every process fits the same probe on whole weights
+        found = probe.fit_head(
+            model, encoded["train"].ids, train_labels, dataset.num_labels, tokenizer.pad_token_id, precision, cfg.seed
+        )
+        head_start.update(rows=found.rows, cv_accuracy=found.cv_accuracy)
+        echo(f"head: starts as a {found.describe()}")
     if group.sharded:
         _shard(model, cfg, group, echo)
     elif cfg.shard != "none":
         echo(f"shard: --shard {cfg.shard} ignored: a single process has nothing to shard with (launch with torchrun)")
-    precision = resolve_precision(cfg.precision, device)
     examples = f"{len(train_labels):,} examples"
     if windowing.sliding:
         examples = (
@@ -176,16 +187,21 @@ def _train(
             f"overlap {windowing.stride}, {windowing.window_pool}-pooled per text for evaluation)"
         )
     processes = f" in {group.world} processes" if group.active else ""
+    epochs = planned_epochs(len(train_labels), cfg)
     echo(
-        f"train: {examples} x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"train: {examples} x {epochs:.3g} epochs, batch {cfg.batch_size}, "
         f"lr {cfg.resolved_lr():g}, {precision} on {device.type}{processes}"
     )
+    if cfg.epochs > 0:
+        term = f"; contrastive term weight {contrast:g}" if contrast else ""
+        echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, "validation" in encoded, task) + term)
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
     if group.sharded and features is not None:
         features, cache_note = None, "off (with FSDP the frozen layers are sharded: they run every step)"
     if features is not None or layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
+    validation = encoded.get("validation")  # None: too little data to carve one (data.load_training_data)
     stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
     report_to = cfg.report_to if group.primary else None
     resumed = resume_state is not None
@@ -194,8 +210,8 @@ def _train(
             model,
             encoded["train"].ids,
             train_labels,
-            encoded["validation"].ids,
-            dataset.splits["validation"].labels,
+            validation.ids if validation is not None else [],
+            dataset.splits["validation"].labels if validation is not None else [],
             dataset.class_names,
             tokenizer.pad_token_id,
             cfg,
@@ -207,12 +223,11 @@ def _train(
             else None,
             resume=resume_state,
             group=group,
-            val_pool=(lambda logits: windowing.pool_logits(logits, encoded["validation"]))
-            if windowing.sliding
-            else None,
+            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
             on_eval=reporter.with_eval(on_eval),
             on_log=reporter.log_step,
             task=task,
+            contrastive=contrast,
         )
         if task.kind == "regression":
             tasks.fold_target_scale(model, task.mean, task.std)
@@ -261,6 +276,14 @@ def _train(
             "precision": precision,
             "base_model": source.to_dict(),
             "base_fingerprint": fingerprint,
+            "pooling": pooling,  # installed again on every load (adaptext.pooling)
+            "head_init": head_start,
+            "contrastive": contrast,
+            "schedule": {
+                "epochs": epochs,
+                "steps": planned_steps(len(train_labels), cfg)[2],
+                "validation": "validation" in encoded,
+            },  # fmt: skip
             "head_modules": head_modules,
             "target_modules": targets,
             "adapted_layers": layers,
@@ -289,7 +312,7 @@ def _train(
             # The model is written: what follows is extra, and a failure there costs only itself.
             with _extra("the model card", echo):
                 (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
-            final = metrics.get("test") or metrics["validation"]
+            final = metrics.get("test") or metrics.get("validation") or {}
             if "confusion_matrix" in final:
                 with _extra("the confusion matrix plot", echo):
                     save_confusion_png(
@@ -303,10 +326,44 @@ def _train(
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
-    if cfg.epochs > 0:
-        _warn_if_nothing_learned(metrics["validation"], dataset.splits["validation"].labels, cfg, echo, task)
+    held_out = next((split for split in ("validation", "test") if split in metrics), None)
+    if cfg.epochs > 0 and held_out is not None:
+        _warn_if_nothing_learned(metrics[held_out], dataset.splits[held_out].labels, cfg, echo, task, held_out)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+def _head_init(cfg: config.TrainConfig, task: Task, pooling: str = "mean") -> str:
+    """``auto``: a probe for single-label training of a mean-pooled (sentence-transformers) encoder, where
+    it was measured (docs/RESULTS.md "Few labels"); multi-label and regression heads have their own
+    starts (class rates, the target mean); a random head when nothing trains (--epochs 0)."""
+    if cfg.head_init != "auto":
+        if cfg.head_init == "probe" and task.kind != "single-label":
+            raise AdaptextError(f"--head-init probe is for single-label data; this is {task.kind}: use auto or random")
+        return cfg.head_init
+    return "probe" if task.kind == "single-label" and cfg.epochs > 0 and pooling == "mean" else "random"
+
+
+def contrastive_weight(cfg: config.TrainConfig, pooling: str) -> float:
+    """--contrastive, or its default: 1 with mean pooling (measured there), else 0."""
+    if cfg.contrastive is not None:
+        return cfg.contrastive
+    return 1.0 if pooling == "mean" else 0.0
+
+
+def _schedule_line(cfg: config.TrainConfig, rows: int, epochs: float, validated: bool, task: Task) -> str:
+    """What the schedule is and why, in one line."""
+    steps = planned_steps(rows, cfg)[2]
+    why = (
+        f"--epochs {cfg.epochs:g} raised to {epochs:.3g} to reach --min-steps {cfg.min_steps}"
+        if epochs != cfg.epochs
+        else f"--epochs {cfg.epochs:g}"
+    )
+    if validated:
+        keep = f"the evaluation with the best validation {task.resolve_metric(cfg.metric)} is kept"
+    else:
+        keep = "no validation split, so the final weights are kept"
+    return f"{steps} optimiser steps ({why}); {keep}"
 
 
 def _shard(
@@ -337,7 +394,9 @@ def _unsharded(
     head_modules: list[str],
 ) -> torch.nn.Module:
     """A plain (unsharded) copy of the trained model on the CPU, from the whole weights FSDP gathered."""
-    model, _ = models.load_classifier(source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type)
+    model, _ = models.load_classifier(
+        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type, cfg.pooling
+    )
     model, _ = models.prepare(model, cfg, head_modules)
     model.load_state_dict(whole)
     return model.eval()
@@ -391,23 +450,28 @@ def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.T
 
 
 def _warn_if_nothing_learned(
-    val: dict[str, Any], labels: list[Any], cfg: config.TrainConfig, echo: Callable, task: Task | None = None
+    val: dict[str, Any],
+    labels: list[Any],
+    cfg: config.TrainConfig,
+    echo: Callable,
+    task: Task | None = None,
+    split: str = "validation",
 ) -> None:
     """A model no better than a constant answer has diverged or learned nothing: say so, say what to try."""
     tip = f"training diverged or learned nothing; try a lower --lr (now {cfg.resolved_lr():g}) or more --epochs"
     task = task or Task()
     if task.kind == "regression":
         if val["r2"] <= 0.0:
-            echo(f"warning: validation R² {val['r2']:.3f} is no better than always predicting the mean: {tip}")
+            echo(f"warning: {split} R² {val['r2']:.3f} is no better than always predicting the mean: {tip}")
         return
     if task.kind == "multi-label":
         if val["micro_f1"] == 0.0:
-            echo(f"warning: validation micro-F1 is 0 (no label predicted right): {tip}")
+            echo(f"warning: {split} micro-F1 is 0 (no label predicted right): {tip}")
         return
     majority = max(labels.count(c) for c in set(labels)) / len(labels)
     if val["accuracy"] <= majority + 0.01:
         echo(
-            f"warning: validation accuracy {val['accuracy']:.3f} is no better than always answering the most "
+            f"warning: {split} accuracy {val['accuracy']:.3f} is no better than always answering the most "
             f"common class ({majority:.3f}): {tip}"
         )
 

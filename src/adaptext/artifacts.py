@@ -213,6 +213,7 @@ def load_model(
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
     id2label = dict(enumerate(class_names))
     problem_type = Task.from_meta(meta).problem_type
+    pooling = meta.get("pooling", "native")  # models saved before pooling was recorded pooled natively
     if method == "full":
         model, _ = load_classifier(
             ModelSource(str(folder), str(folder), None),
@@ -220,9 +221,10 @@ def load_model(
             id2label,
             labels["pad_token_id"],
             problem_type,
+            pooling,
         )
     else:
-        model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"], problem_type)
+        model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"], problem_type, pooling)
         _check_same_base(model, meta, source)
         if is_peft(method):
             model = _attach_adapter(model, folder, merge and method in MERGEABLE, method)

@@ -12,7 +12,7 @@ from adaptext.artifacts import is_peft
 METHOD_NAMES = {
     "lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA",
     "loha": "LoHa", "lokr": "LoKr", "prompt": "prompt-tuned", "prefix": "prefix-tuned", "ptuning": "P-tuned",
-    "bitfit": "BitFit (bias-only)", "head": "head-only", "full": "fully fine-tuned",
+    "bitfit": "BitFit (bias-only)", "head": "head-only", "full": "fully fine-tuned", "setfit": "SetFit library",
 }  # fmt: skip
 
 
@@ -85,6 +85,44 @@ def _base_note(path: str, base_id: str, num_labels: int, folder_name: str) -> st
     )
 
 
+# A mean-pooled model (adaptext.pooling) needs its pooling back in plain transformers, whose class pools
+# the first token. The hook is adaptext.pooling's, written out (tests/test_portable.py runs this code).
+MEAN_POOL_SNIPPET = """import torch
+
+# This model reads the mean of the token vectors (adaptext --pooling mean); transformers' class would
+# read the first token. Put the mean back with a forward hook on the encoder:
+def mean_pool(module, args, kwargs, output):
+    mask = kwargs["attention_mask"].unsqueeze(-1).to(output[0].dtype)
+    mean = (output[0] * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if output.get("pooler_output") is not None:  # BERT-style heads read the pooler output
+        output["pooler_output"] = mean
+    else:  # the others read position 0
+        output["last_hidden_state"] = torch.cat([mean[:, None], output[0][:, 1:]], dim=1)
+    return output
+
+model.get_base_model().base_model.register_forward_hook(mean_pool, with_kwargs=True)
+"""
+
+
+def _schedule(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    schedule = meta.get("schedule")
+    if not schedule:  # saved before the schedule was recorded
+        return f"epochs={cfg['epochs']}"
+    keep = "best validation evaluation kept" if schedule["validation"] else "no validation split: final weights kept"
+    return f"{schedule['steps']} steps ({schedule['epochs']:.3g} epochs; {keep})"
+
+
+def _start(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Pooling, head start and the contrastive term: the few-label recipe (docs/RESULTS.md "Few labels")."""
+    head = meta.get("head_init") or {"kind": "random"}
+    start = "a random head"
+    if head["kind"] == "probe":
+        cv = f", cross-validated accuracy {head['cv_accuracy']:.3f}" if head.get("cv_accuracy") is not None else ""
+        start = f"a head fitted by logistic regression on the frozen features of {head['rows']:,} examples{cv}"
+    contrast = f", contrastive weight {meta['contrastive']:g}" if meta.get("contrastive") else ""
+    return f"Pooling {meta.get('pooling', 'native')}; training started from {start}{contrast}."
+
+
 def _precision_note(precision: str) -> str:
     if precision == "fp32":
         return ""
@@ -141,7 +179,7 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForSequenceClassification.from_pretrained(
     "{folder_name}", num_labels={num_labels}, pad_token_id={meta["pad_token_id"]})
 tokenizer = AutoTokenizer.from_pretrained("{folder_name}")
-logits = model(**tokenizer(["your text"], return_tensors="pt")).logits
+{MEAN_POOL_SNIPPET if meta.get("pooling") == "mean" else ""}logits = model(**tokenizer(["your text"], return_tensors="pt")).logits
 ```
 {_base_note(base["path"], base_id, num_labels, folder_name)}
 """
@@ -172,8 +210,9 @@ Trainable parameters: {params["adapter"]:,} adapter + {params["head"]:,} head = 
 ## Training configuration
 
 method {meta["method"]}, target modules {", ".join(meta.get("target_modules") or []) or "-"},
-r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, lr={meta["lr"]}, epochs={cfg["epochs"]},
+r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, lr={meta["lr"]}, {_schedule(meta, cfg)},
 batch size {cfg["batch_size"]}, max length {cfg["max_length"]}{_long_text(cfg)}, scheduler {cfg["scheduler"]}, loss {loss}, seed {cfg["seed"]}.
+{_start(meta, cfg)}
 Newly initialised modules trained and saved with the adapter: {", ".join(meta["head_modules"]) or "-"}.
 The full resolved configuration is in `run_config.yaml`; re-run it with
 `adaptext train --config {folder_name}/run_config.yaml --output NEW_DIR`.

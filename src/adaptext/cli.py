@@ -35,6 +35,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(_flag(f.name), **kwargs)
 
 
+def _size_list(value: Any) -> list[str] | None:
+    """train_sizes from the command line or YAML: "8/class,500" or a list."""
+    if value is None:
+        return None
+    return _str_list(value) if isinstance(value, str) else [str(v) for v in value]
+
+
 def _str_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -46,7 +53,7 @@ def _int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
-COMMAND_KEYS = ("command", "config", "func", "quiet", "preset", "methods", "seeds", "set")
+COMMAND_KEYS = ("command", "config", "func", "quiet", "preset", "methods", "seeds", "set", "train_sizes")
 TUNE_KEYS = ("trials", "timeout", "study_name", "storage", "pruner", "space", "sampler_seed")
 
 
@@ -96,6 +103,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         study["methods"] = args.methods
     if args.seeds is not None:
         study["seeds"] = args.seeds
+    if args.train_sizes is not None:
+        study["train_sizes"] = args.train_sizes
     unknown = set(study.get("arms") or {}) - set(compare.ARMS)
     if not isinstance(study.get("arms") or {}, dict) or unknown:
         raise AdaptextError(f"arms: expected a mapping of method -> options (unknown: {', '.join(sorted(unknown))})")
@@ -110,6 +119,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         seeds=seeds,
         overrides=compare.parse_overrides(args.set, study.get("arms")),
         output=output,
+        train_sizes=compare.parse_sizes(_size_list(study.get("train_sizes"))),
     )
     compare.run_study(plan, progress=not args.quiet)
     return 0
@@ -350,12 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="arms to run: zero, "
         + ", ".join(config.METHODS)
+        + ", setfit (the SetFit library on the same splits; pip install 'adaptext[setfit]')"
         + " (default: "
         + ",".join(["zero", "head", "lora", "ia3", "full"])
         + ")",
     )
     p.add_argument(
         "--seeds", type=int, help="runs per arm with seeds --seed, --seed+1, ... (default 1); mean and std are reported"
+    )
+    p.add_argument(
+        "--train-sizes",
+        type=_str_list,
+        metavar="A,B",
+        help="a learning curve: every arm at every training size, N or N/class (e.g. 8/class,64/class,500); each "
+        "seed draws its own split (the same for every arm); the report plots accuracy against labelled examples",
     )
     p.add_argument(
         "--set",

@@ -26,10 +26,13 @@ from adaptext import artifacts, config
 from adaptext.artifacts import HEAD_FILE, META_FILE, write_json
 from adaptext.errors import AdaptextError
 
-ARMS = ("zero",) + config.METHODS  # zero: the base model with its untrained head, scored as is
+# zero: the base model with its untrained head, scored as is; setfit: the SetFit library (adaptext.setfit_arm)
+ARMS = ("zero",) + config.METHODS + ("setfit",)
 DEFAULT_METHODS = ["zero", "head", "lora", "ia3", "full"]
 MARKER = "compare.json"
-WEIGHT_FILES = ("adapter_model.safetensors", HEAD_FILE, "model.safetensors")
+WEIGHT_FILES = (
+    "adapter_model.safetensors", HEAD_FILE, "model.safetensors", "setfit/model.safetensors", "setfit/model_head.pkl",
+)  # fmt: skip
 IGNORED_KEYS = ("output", "overwrite")  # where a run is written does not change what it computes
 
 
@@ -40,6 +43,26 @@ class Study:
     seeds: int = 1
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     output: Path = Path("compare")
+    # A learning curve: every arm at every size (N or "N/class"); each seed then draws its own split
+    # (data seed = seed), the same split for every arm.
+    train_sizes: list[int | str] | None = None
+
+
+def parse_sizes(raw: list[str] | None) -> list[int | str] | None:
+    """--train-sizes 8/class,64/class,500 -> ['8/class', '64/class', 500] (each checked as --train-size)."""
+    if not raw:
+        return None
+    sizes = [config.parse_train_size(item) for item in raw]
+    for size in sizes:
+        if size is None or (isinstance(size, int) and size < 2):
+            raise AdaptextError(f"--train-sizes: {size!r} is too small; give N >= 2 or N/class")
+    if len(set(map(str, sizes))) != len(sizes):
+        raise AdaptextError("--train-sizes: a size is given twice")
+    return sizes
+
+
+def size_tag(size: int | str | None) -> str:
+    return "all" if size is None else str(size).replace("/class", "-per-class")
 
 
 def parse_overrides(items: list[str] | None, nested: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -57,23 +80,30 @@ def parse_overrides(items: list[str] | None, nested: dict[str, Any] | None = Non
     return out
 
 
-def arm_config(study: Study, method: str, seed_index: int) -> config.TrainConfig:
-    """The full training config of one run: base options, the method's own overrides, its seed."""
+def arm_config(study: Study, method: str, seed_index: int, size: int | str | None = None) -> config.TrainConfig:
+    """The full training config of one run: base options, the method's own overrides, its seed (and, in a
+    learning curve, its training size, with the data split drawn by its seed)."""
     values = study.base.to_dict()
     values.update(study.overrides.get(method, {}))
     if method == "zero":
         values.update(method="head", epochs=0)
+    elif method == "setfit":
+        values["method"] = "full"  # nominal: SetFit fine-tunes the whole body; its recipe is the library's
     else:
         values["method"] = method
     values["data_seed"] = study.base.data_seed if study.base.data_seed is not None else study.base.seed
     values["seed"] = study.base.seed + seed_index
-    values["output"] = str(run_dir(study.output, method, values["seed"]))
+    if study.train_sizes is not None:
+        values["train_size"] = size
+        values["data_seed"] = values["seed"]
+    values["output"] = str(run_dir(study.output, method, values["seed"], size if study.train_sizes else None))
     values["overwrite"] = True
     return config.validate(config.from_dict(values, source=f"--set {method}"))
 
 
-def run_dir(output: Path, method: str, seed: int) -> Path:
-    return output / "runs" / f"{method}-seed{seed}"
+def run_dir(output: Path, method: str, seed: int, size: int | str | None = None) -> Path:
+    runs = output / "runs" if size is None else output / "runs" / size_tag(size)
+    return runs / f"{method}-seed{seed}"
 
 
 def _comparable(values: dict[str, Any]) -> dict[str, Any]:
@@ -115,26 +145,45 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
             raise AdaptextError(f"--methods: unknown method {method!r}; choose from {', '.join(ARMS)}")
     if study.seeds < 1:
         raise AdaptextError(f"--seeds must be >= 1 (got {study.seeds})")
-    plan = [(m, i, arm_config(study, m, i)) for m in study.methods for i in range(study.seeds)]
+    sizes = study.train_sizes or [None]
+    plan = [(m, i, arm_config(study, m, i, size)) for size in sizes for m in study.methods for i in range(study.seeds)]
     check_output(study.output)
     _check_inputs(plan[0][2])
+    if "setfit" in study.methods:
+        from adaptext.setfit_arm import require
+
+        require()
     study.output.mkdir(parents=True, exist_ok=True)
     (study.output / "runs").mkdir(exist_ok=True)
     (study.output / "logs").mkdir(exist_ok=True)
-    write_json(study.output / MARKER, {"methods": study.methods, "seeds": study.seeds, "base": study.base.to_dict()})
-    for leftover in (study.output / "runs").glob(".*"):  # staging dirs and configs of runs killed midway
+    write_json(
+        study.output / MARKER,
+        {
+            "methods": study.methods,
+            "seeds": study.seeds,
+            "train_sizes": study.train_sizes,
+            "base": study.base.to_dict(),
+        },
+    )
+    for leftover in (study.output / "runs").glob("**/.*"):  # staging dirs and configs of runs killed midway
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     failures: dict[tuple[str, int], str] = {}
     for number, (method, _, cfg) in enumerate(plan, 1):
-        label = f"[{number}/{len(plan)}] {method} seed {cfg.seed}"
+        at = f" at {cfg.train_size}" if study.train_sizes else ""
+        label = f"[{number}/{len(plan)}] {method}{at} seed {cfg.seed}"
         if finished(cfg):
             echo(f"{label}: done already, skipped ({cfg.output})")
             continue
         started = time.perf_counter()
-        error = _run_one(cfg, study.output / "logs" / f"{Path(cfg.output).name}.log", progress)
+        log_name = (
+            f"{Path(cfg.output).name}.log"
+            if not study.train_sizes
+            else f"{size_tag(cfg.train_size)}-{Path(cfg.output).name}.log"
+        )
+        error = _run_one(cfg, study.output / "logs" / log_name, progress, method)
         if error:
-            failures[(method, cfg.seed)] = error
+            failures[(method, cfg.seed, str(cfg.train_size))] = error
             echo(f"{label}: FAILED: {error}")
             continue
         test = _final_metrics(Path(cfg.output))
@@ -142,11 +191,16 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
             f"{label}: accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  ({time.perf_counter() - started:.0f} s)"
         )
 
-    arms = [_aggregate(study, m, [c for mm, _, c in plan if mm == m], failures) for m in study.methods]
+    arms = [
+        _aggregate(study, m, [c for mm, _, c in plan if mm == m and c.train_size == (size or c.train_size)], failures)
+        for size in sizes
+        for m in study.methods
+    ]
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "methods": study.methods,
         "seeds": study.seeds,
+        "train_sizes": study.train_sizes,
         "overrides": study.overrides,
         "config": study.base.to_dict(),
         "run_configs": {Path(c.output).name: c.to_dict() for _, _, c in plan},
@@ -157,7 +211,7 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
     report.write_all(study.output, results)
     echo(f"report: {study.output / 'report.html'}")
     if failures:
-        names = ", ".join(f"{m} (seed {s})" for m, s in failures)
+        names = ", ".join(f"{m} (seed {s}{'' if not study.train_sizes else ', ' + z})" for m, s, z in failures)
         raise AdaptextError(f"{len(failures)} run(s) failed: {names}; see {study.output / 'logs'} and report.md")
     return results
 
@@ -176,13 +230,17 @@ def _check_inputs(cfg: config.TrainConfig) -> None:
         )
 
 
-def _run_one(cfg: config.TrainConfig, log_path: Path, progress: bool) -> str | None:
+def _run_one(cfg: config.TrainConfig, log_path: Path, progress: bool, method: str = "") -> str | None:
     """Train one run in a child process; return the error line on failure."""
     run_config = Path(cfg.output).parent / f".{Path(cfg.output).name}.yaml"
+    run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    command = [sys.executable, "-m", "adaptext", "train", "--config", str(run_config)]
-    if not progress:
-        command.append("--quiet")
+    if method == "setfit":
+        command = [sys.executable, "-m", "adaptext.setfit_arm", str(run_config)]
+    else:
+        command = [sys.executable, "-m", "adaptext", "train", "--config", str(run_config)]
+        if not progress:
+            command.append("--quiet")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         with log_path.open("w", encoding="utf-8") as log:
@@ -213,7 +271,9 @@ def _aggregate(
 ) -> dict[str, Any]:
     """One arm's figures over its seeds: mean and sample std of each metric, costs, curve."""
     arm: dict[str, Any] = {"method": method, "seeds": [c.seed for c in cfgs], "dirs": [c.output for c in cfgs]}
-    errors = [failures[(method, c.seed)] for c in cfgs if (method, c.seed) in failures]
+    if study.train_sizes:
+        arm["train_size"] = cfgs[0].train_size
+    errors = [failures[k] for c in cfgs if (k := (method, c.seed, str(c.train_size))) in failures]
     if errors:
         return {**arm, "status": "failed", "error": errors[0]}
     runs = []
@@ -252,6 +312,7 @@ def _aggregate(
     )
     for key, source in (("train_seconds", "seconds"), ("samples_per_second", "samples_per_second")):
         out[f"{key}_mean"], out[f"{key}_std"] = _mean_std([t[source] for t in trains])
+    out["train_rows_mean"] = _mean_std([t.get("rows") or 0 for t in trains])[0]
     out["peak_rss_mb"] = max(t.get("peak_rss_mb") or 0 for t in trains)
     gpu = [t.get("gpu_peak_mb") for t in trains if t.get("gpu_peak_mb") is not None]
     out["gpu_peak_mb"] = max(gpu) if gpu else None

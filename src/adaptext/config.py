@@ -24,6 +24,7 @@ METHODS = (
     "lora", "dora", "rslora", "adalora", "ia3", "vera", "loha", "lokr",
     "prompt", "prefix", "ptuning", "bitfit", "head", "full",
 )  # fmt: skip
+POOLINGS = ("auto", "mean", "native")  # what each means: adaptext.pooling
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: adaptext.precision
 SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate", "sliding")
@@ -35,6 +36,9 @@ METRICS = (
     "rmse", "mae", "r2", "pearson", "spearman",
 )  # fmt: skip
 LOSSES = ("cross-entropy", "focal")
+HEAD_INITS = ("auto", "probe", "random")
+MIN_STEPS = 100  # measured: docs/RESULTS.md "Few labels"
+SMALL_DATA = 300  # fewer training examples than this: no validation carved (a tenth would be < 30 examples)
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
 SHARDING = ("none", "full", "grad-op")
@@ -99,7 +103,19 @@ class TrainConfig:
         "else carved (stratified) from train.",
     )
     validation_fraction: float = _f(0.1, "Share of train carved out for validation when none exists.")
-    train_size: int | None = _f(None, "Use a stratified sample of this many training examples.")
+    validation_min_train: int = _f(
+        SMALL_DATA,
+        "Single-label: carve a validation split (when the data has none) only from at least this many training "
+        "examples. Below, "
+        "a tenth would be too few to pick an epoch by and too many to lose: every example trains, for a fixed "
+        "schedule (see --min-steps), and the final weights are kept. 0: always carve.",
+    )
+    train_size: str | int | None = _f(
+        None,
+        "Train on a sample of the training split: N examples (stratified), or N/class (e.g. 8/class: N of each "
+        "class, fewer where a class has fewer). With N/class nothing outside the sample is used, not even for "
+        "validation: the budget is every labelled example the run sees.",
+    )
     eval_size: int | None = _f(None, "Use a stratified sample of this many validation examples.")
     test_size: int | None = _f(None, "Use a stratified sample of this many test examples.")
     data_seed: int | None = _f(None, "Seed for sampling and splitting the data. Default: --seed.")
@@ -108,6 +124,13 @@ class TrainConfig:
     model: str = _f(
         "minilm",
         "Base model: a Hub id, a local directory, or an alias (minilm, mpnet).",
+    )
+    pooling: str = _f(
+        "auto",
+        "How token vectors become the vector the head reads: mean (masked mean of the last hidden states), native "
+        "(the model class's own: first token or BERT's pooler; last token for decoders), or auto (what the encoder "
+        "was trained with: mean for sentence-transformers models that declare it, such as minilm and mpnet; else "
+        "native). A mean-pooled model reloads mean-pooled through adaptext; plain transformers pools natively.",
     )
     max_length: int = _f(256, "Cut texts to this many tokens (batches are padded dynamically).")
     long_text: str = _f(
@@ -163,6 +186,18 @@ class TrainConfig:
     # --- optimisation
     lr: float | None = _f(None, "Peak learning rate. Default depends on method: " + str(DEFAULT_LR))
     epochs: float = _f(3, "Training epochs (fractions allowed; 0 saves and scores the untrained model).")
+    min_steps: int = _f(
+        MIN_STEPS,
+        "Train at least this many optimiser steps: on small data, --epochs is raised to reach it (the line "
+        "'schedule:' says so). 0: exactly --epochs.",
+    )
+    head_init: str = _f(
+        "auto",
+        "How the new head's output layer starts: probe (a logistic regression fitted on the frozen encoder's "
+        "features of the training examples, then fine-tuned: LP-FT), random, or auto (probe for single-label "
+        "training with mean pooling, where it was measured; else random, and random with --epochs 0; multi-label "
+        "starts at the class rates, regression at the mean).",
+    )
     batch_size: int = _f(16, "Examples per optimiser step (before accumulation).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
@@ -181,6 +216,15 @@ class TrainConfig:
     focal_gamma: float = _f(
         2.0, f"Focal loss focusing exponent gamma, 0 to {MAX_FOCAL_GAMMA:g} (0 is cross-entropy; with --loss focal)."
     )
+    contrastive: float | None = _f(
+        None,
+        "Single-label: weight of a supervised contrastive loss added to cross-entropy (same-class rows of a batch "
+        "pulled together on the unit-normalised pooled vectors, the rest pushed apart: SetFit's signal, inside "
+        "ordinary batches); 0 turns it off. Default: 1 with mean pooling (sentence-transformers encoders, where "
+        "it was measured: docs/RESULTS.md 'Few labels'), else 0. With several processes each computes it on its "
+        "own rows of the batch.",
+    )
+    contrastive_temperature: float = _f(0.1, "Temperature of the contrastive loss (lower: sharper).")
     metric: str = _f(
         "auto",
         "Metric for best-checkpoint selection (and early stopping, and tune's objective). auto: loss (single-label; "
@@ -284,12 +328,37 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     return int(value) if isinstance(value, int) else converted
 
 
+PER_CLASS = "/class"
+
+
+def parse_train_size(value: Any) -> int | str | None:
+    """--train-size as given: N (an int) or "N/class" (kept as that string, N >= 1)."""
+    if isinstance(value, str) and value.strip().lower().replace(" ", "").endswith(PER_CLASS):
+        count = value.strip().lower().replace(" ", "")[: -len(PER_CLASS)]
+        if not count.isdigit() or int(count) < 1:
+            raise AdaptextError(f"--train-size {value!r}: write N/class with N a whole number >= 1, e.g. 8/class")
+        return f"{int(count)}{PER_CLASS}"
+    if isinstance(value, str) and "/" in value:
+        raise AdaptextError(f"--train-size {value!r}: write N (examples) or N/class (examples of each class)")
+    return _coerce("train_size", "int | None", value)
+
+
+def per_class(train_size: int | str | None) -> int | None:
+    """N of an "N/class" train size, else None."""
+    return int(train_size[: -len(PER_CLASS)]) if isinstance(train_size, str) else None
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field once, at the edge, so later stages can trust the config."""
     for f in dataclasses.fields(cfg):
+        if f.name == "train_size":
+            cfg.train_size = parse_train_size(cfg.train_size)
+            continue
         setattr(cfg, f.name, _coerce(f.name, str(f.type), getattr(cfg, f.name)))
     _check_choice("method", cfg.method, METHODS)
     _check_choice("precision", cfg.precision, PRECISIONS)
+    _check_choice("pooling", cfg.pooling, POOLINGS)
+    _check_choice("head_init", cfg.head_init, HEAD_INITS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
     _check_choice("window_pool", cfg.window_pool, WINDOW_POOLS)
@@ -322,10 +391,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         "vera_r": cfg.vera_r,
         "virtual_tokens": cfg.virtual_tokens,
     }
+    if cfg.contrastive is not None and cfg.contrastive < 0:
+        raise AdaptextError(f"--contrastive must be >= 0 (got {cfg.contrastive}); 0 turns it off")
+    if cfg.contrastive_temperature <= 0:
+        raise AdaptextError(f"--contrastive-temperature must be > 0 (got {cfg.contrastive_temperature})")
+    for name in ("min_steps", "validation_min_train"):
+        if getattr(cfg, name) < 0:
+            raise AdaptextError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
     for name, value in positive.items():
         if value is None or value <= 0:
             raise AdaptextError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
-    for name in ("train_size", "eval_size", "test_size"):
+    for name in (
+        ("eval_size", "test_size") if isinstance(cfg.train_size, str) else ("train_size", "eval_size", "test_size")
+    ):
         value = getattr(cfg, name)
         if value is not None and value < 2:
             raise AdaptextError(f"--{name.replace('_', '-')} must be at least 2 (got {value})")
@@ -464,7 +542,7 @@ def save(cfg: TrainConfig, path: Path) -> None:
 
 
 # Keys a preset or config file may carry besides the training options: used by `adaptext compare`.
-STUDY_KEYS = ("methods", "seeds", "arms")
+STUDY_KEYS = ("methods", "seeds", "arms", "train_sizes")
 
 
 def preset_names() -> list[str]:

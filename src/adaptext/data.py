@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from adaptext import config
 from adaptext.errors import AdaptextError, names
 from adaptext.labels import (
     blank_rows,
@@ -227,6 +228,21 @@ def _stratified_indices(labels: list[Any], first_size: int, seed: int) -> tuple[
     return sorted(first + singles), sorted(second)
 
 
+def per_class_sample(split: Split, count: int, seed: int) -> Split:
+    """``count`` examples of each class (all of a class that has fewer), drawn with ``seed``; for
+    multi-label rows, of each row's rarest label (see strata)."""
+    rng = np.random.RandomState(seed)
+    by_class: dict[Any, list[int]] = {}
+    for index, stratum in enumerate(strata(split.labels)):
+        by_class.setdefault(stratum, []).append(index)
+    keep = [i for key in sorted(by_class, key=str) for i in _draw(rng, by_class[key], count)]
+    return _pick(split, sorted(keep))
+
+
+def _draw(rng: np.random.RandomState, indices: list[int], count: int) -> list[int]:
+    return indices if len(indices) <= count else rng.choice(indices, count, replace=False).tolist()
+
+
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     shareable = sum(1 for n in Counter(strata(split.labels)).values() if n > 1)  # one-example classes stay in train
     n_val = max(shareable, round(len(split) * fraction), 1)
@@ -276,14 +292,35 @@ def load_training_data(cfg: Any) -> TextDataset:
 
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     val_name = cfg.validation_split
+    per_class = config.per_class(cfg.train_size)
     if val_name is None:
         val_name = next((n for n in ("validation", "valid", "dev") if n in tables), None)
+        if per_class is not None and val_name is not None:  # N/class: every labelled example comes from the sample
+            notes.append(f"validation: the {val_name!r} split is not used with --train-size {cfg.train_size} "
+                         "(name it with --validation-split to use it)")  # fmt: skip
+            val_name = None
     elif val_name not in tables:
         raise AdaptextError(f"{spec}: no split {val_name!r} (found: {names(tables)}); fix --validation-split")
 
+    size = None if per_class is not None else cfg.train_size
+    if per_class is not None:  # the whole labelled budget: validation too comes out of it, if anything
+        train = per_class_sample(train, per_class, seed)
+    validation: Split | None = None
     if val_name is not None:
-        train = stratified_sample(train, cfg.train_size, seed)
+        train = stratified_sample(train, size, seed)
         validation = convert(tables[val_name])
+    elif (
+        task == "single-label"  # multi-label thresholds and regression checks are tuned on held-out rows
+        and len(train) < cfg.validation_min_train
+        and not (per_class is None and cfg.train_size is not None)
+    ):
+        notes.append(
+            f"validation: none carved from {len(train):,} training examples (fewer than --validation-min-train "
+            f"{cfg.validation_min_train}): all of them train for a fixed schedule and the final weights are kept"
+        )
+    elif per_class is not None:
+        train, validation = carve_validation(train, cfg.validation_fraction, seed)
+        notes.append(f"validation: {len(validation)} examples carved (stratified) from the {cfg.train_size} sample")
     elif cfg.train_size is not None and len(train) - cfg.train_size >= 2 * len(present):
         # Keep the full --train-size budget for training; validate on examples it did not draw.
         train_idx, rest_idx = _stratified_indices(train.labels, cfg.train_size, seed)
@@ -295,11 +332,12 @@ def load_training_data(cfg: Any) -> TextDataset:
             f"none of them among the {len(train):,} training examples"
         )
     else:
-        train = stratified_sample(train, cfg.train_size, seed)
+        train = stratified_sample(train, size, seed)
         train, validation = carve_validation(train, cfg.validation_fraction, seed)
         notes.append(f"validation: {len(validation)} examples carved (stratified) from train")
-    validation = stratified_sample(validation, cfg.eval_size, seed)
-    splits = {"train": train, "validation": validation}
+    splits = {"train": train}
+    if validation is not None:
+        splits["validation"] = stratified_sample(validation, cfg.eval_size, seed)
     if "test" in tables and cfg.train_split != "test":
         splits["test"] = stratified_sample(convert(tables["test"]), cfg.test_size, seed)
     if task != "regression":

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptext import pooling as pooling_mod
 from adaptext.cache import adapted_layers, find_stack
 from adaptext.errors import AdaptextError
+from adaptext.pooling import pools_last_token
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,12 @@ def load_classifier(
     id2label: dict[int, str],
     pad_token_id: int,
     problem_type: str = "single_label_classification",
+    pooling: str = "native",
 ) -> tuple[nn.Module, list[str]]:
-    """Load the base with a fresh head; return it and the names of newly initialised modules."""
+    """Load the base with a fresh head; return it and the names of newly initialised modules.
+
+    ``pooling`` (adaptext.pooling): ``auto`` resolves to what the encoder was trained with; ``mean``
+    installs masked mean pooling; ``native`` keeps the model class's own."""
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
@@ -206,6 +212,7 @@ def load_classifier(
     model.config.pad_token_id = pad_token_id
     # peft writes this as the adapter's base_model_name_or_path, which plain peft loads on any machine.
     model.name_or_path = model.config.name_or_path = source.portable_path
+    pooling_mod.apply(model, pooling_mod.resolve(pooling, source.path, model))
     return model, new_modules(model, set(info.get("missing_keys", ())))
 
 
@@ -248,12 +255,6 @@ TARGET_MODULES: dict[str, list[str]] = {
 
 
 PROMPT_METHODS = ("prompt", "prefix", "ptuning")
-
-
-def pools_last_token(model: nn.Module) -> bool:
-    """Decoder classifiers in transformers (GPT-2, Llama, Mistral, Qwen, Phi...) score the last real token
-    through a head named ``score``; encoders use ``classifier``."""
-    return isinstance(getattr(model, "score", None), nn.Module)
 
 
 def linear_module_names(model: nn.Module, exclude: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from adaptext.card import METHOD_NAMES
 from adaptext.metrics import save_confusion_png
 
 PLOTS = {
+    "accuracy_vs_examples.png": "Accuracy vs labelled training examples (learning curve)",
     "accuracy_vs_params.png": "Accuracy vs trainable parameters",
     "accuracy_vs_time.png": "Accuracy vs training time",
     "learning_curves.png": "Validation accuracy per epoch",
@@ -19,8 +20,37 @@ PLOTS = {
 }
 
 
-def arm_name(method: str) -> str:
-    return "zero (untrained head)" if method == "zero" else f"{method} ({METHOD_NAMES.get(method, method)})"
+def arm_name(method: str, size: Any = None) -> str:
+    name = "zero (untrained head)" if method == "zero" else f"{method} ({METHOD_NAMES.get(method, method)})"
+    return name if size is None else f"{name} at {size}"
+
+
+def curve_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """A learning curve as a table: one row per arm, one column per training size (accuracy mean ± std)."""
+    sizes = results.get("train_sizes") or []
+    if not sizes:
+        return [], []
+    cells: dict[tuple[str, str], dict[str, Any]] = {(a["method"], str(a["train_size"])): a for a in results["arms"]}
+    header = ["method"]
+    for size in sizes:
+        rows = [
+            a["train_rows_mean"]
+            for m in results["methods"]
+            if (a := cells.get((m, str(size)), {})).get("status") == "ok"
+        ]
+        header.append(f"{size} ({rows[0]:,.0f} examples)" if rows else str(size))
+    table = []
+    for method in results["methods"]:
+        row = [arm_name(method)]
+        for size in sizes:
+            arm = cells.get((method, str(size)), {})
+            if arm.get("status") != "ok":
+                row.append("failed" if arm else "-")
+                continue
+            flag = " ⚠" if arm["at_or_below_chance"] else ""
+            row.append(f"{_pm(arm, 'accuracy', 3)}{flag}")
+        table.append(row)
+    return header, table
 
 
 def _size(n: int) -> str:
@@ -44,8 +74,9 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for arm in results["arms"]:
         if arm["status"] != "ok":
             rows.append(
-                [arm_name(arm["method"]), "-", "-", "-", "-", "-", "-", "-", "-", "-", f"failed: {arm['error']}"]
-            )
+                [arm_name(arm["method"], arm.get("train_size")), "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                 f"failed: {arm['error']}"]
+            )  # fmt: skip
             continue
         note = []
         if arm["at_or_below_chance"]:
@@ -53,7 +84,7 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if arm.get("gpu_peak_mb"):
             note.append(f"GPU peak {arm['gpu_peak_mb']:.0f} MB")
         rows.append([
-            arm_name(arm["method"]),
+            arm_name(arm["method"], arm.get("train_size")),
             _pm(arm, "accuracy"),
             _pm(arm, "macro_f1"),
             f"{arm['loss_mean']:.4f}",
@@ -73,11 +104,21 @@ def per_class_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     if not done:
         return [], []
     names = done[0]["class_names"]
-    return ["method", *names], [[a["method"], *(f"{a['per_class_f1'][n]:.3f}" for n in names)] for a in done]
+    return ["method", *names], [
+        [arm_name(a["method"], a.get("train_size")), *(f"{a['per_class_f1'][n]:.3f}" for n in names)] for a in done
+    ]
 
 
 def findings(results: dict[str, Any]) -> list[str]:
-    """Plain sentences on what the study shows: best arm, the seeds' ordering, PEFT vs full."""
+    """Plain sentences on what the study shows: best arm, the seeds' ordering, PEFT vs full (per size in a
+    learning curve)."""
+    if results.get("train_sizes"):
+        return [
+            f"At {size}: {line}"
+            for size in results["train_sizes"]
+            for line in findings({**results, "train_sizes": None,
+                                  "arms": [a for a in results["arms"] if str(a.get("train_size")) == str(size)]})
+        ]  # fmt: skip
     done = {a["method"]: a for a in results["arms"] if a["status"] == "ok"}
     if not done:
         return ["No arm finished."]
@@ -125,6 +166,12 @@ def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
     done = [a for a in results["arms"] if a["status"] == "ok"]
     if not done:
         return []
+    made = []
+    if results.get("train_sizes"):
+        _plot_examples(plt, folder, results, done)
+        made.append("accuracy_vs_examples.png")
+        largest = str(results["train_sizes"][-1])  # the other plots show the curve's last size
+        done = [a for a in done if str(a["train_size"]) == largest] or done
     trained = [a for a in done if a["method"] != "zero"]
     zero = next((a for a in done if a["method"] == "zero"), None)
     chance = done[0]["chance_accuracy"]
@@ -164,7 +211,7 @@ def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (mean over seeds)")
     ax.grid(alpha=0.3)
-    if trained:
+    if any(arm["curve"] for arm in trained):
         ax.legend(fontsize=8, ncol=2)
     ax.set_title(PLOTS["learning_curves.png"])
     fig.tight_layout()
@@ -175,7 +222,29 @@ def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
     tmp = folder / f".confusion_best.partial-{os.getpid()}.png"
     save_confusion_png(best["confusion_matrix"], best["class_names"], tmp, f"best arm: {best['method']} (all seeds)")
     os.replace(tmp, folder / "confusion_best.png")
-    return list(PLOTS)
+    return made + [p for p in PLOTS if p != "accuracy_vs_examples.png"]
+
+
+def _plot_examples(plt: Any, folder: Path, results: dict[str, Any], done: list[dict[str, Any]]) -> None:
+    """Accuracy (mean ± std over splits) against the mean number of training examples, one line per arm."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in results["methods"]:
+        arms = sorted((a for a in done if a["method"] == method), key=lambda a: a["train_rows_mean"])
+        if arms:
+            ax.errorbar(
+                [max(a["train_rows_mean"], 1) for a in arms], [a["accuracy_mean"] for a in arms],
+                yerr=[a["accuracy_std"] for a in arms], marker="o", capsize=3, label=method,
+            )  # fmt: skip
+    ax.axhline(done[0]["chance_accuracy"], color="red", ls=":", lw=1, label="chance (majority class)")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training examples (log scale)")
+    ax.set_ylabel(f"{done[0]['split']} accuracy (mean ± std over splits)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(PLOTS["accuracy_vs_examples.png"])
+    fig.tight_layout()
+    _save(fig, folder / "accuracy_vs_examples.png")
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- documents
@@ -206,6 +275,7 @@ def _setup_line(results: dict[str, Any]) -> str:
 def write_all(folder: Path, results: dict[str, Any]) -> None:
     plots = write_plots(folder, results)
     header, rows = summary_rows(results)
+    curve_header, curve = curve_rows(results)
     pc_header, pc_rows = per_class_rows(results)
     notes = findings(results)
     lrs = ", ".join(
@@ -218,6 +288,16 @@ def write_all(folder: Path, results: dict[str, Any]) -> None:
         "",
         *(f"- {line}" for line in notes),
         "",
+        *(
+            [
+                "## Learning curve: test accuracy by training size (mean ± std over splits; ⚠ at or below chance)",
+                "",
+                _md_table(curve_header, curve),
+                "",
+            ]
+            if curve
+            else []
+        ),
         "## Results (mean ± std over seeds)",
         "",
         _md_table(header, rows),
@@ -256,6 +336,7 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 560px; }}
 <h1>adaptext compare</h1>
 <p>{html.escape(_setup_line(results)).replace("`", "")}</p>
 <ul>{items}</ul>
+{"<h2>Learning curve (mean ± std over splits)</h2>" + _html_table(curve_header, curve) if curve else ""}
 <h2>Results (mean ± std over seeds)</h2>
 {_html_table(header, rows)}
 <p>Learning rates: {html.escape(lrs)}.</p>

@@ -35,12 +35,13 @@ from adaptext.batching import sorted_batches as sorted_batches
 from adaptext.batching import special_token_split as special_token_split
 from adaptext.batching import tokenize as tokenize
 from adaptext.cache import FeatureCache
+from adaptext.contrastive import FeatureTap, supcon_loss
 from adaptext.dropout import cpu_dropout
 from adaptext.errors import AdaptextError
 from adaptext.precision import autocast as autocast
 from adaptext.precision import cpu_has_fast_bf16 as cpu_has_fast_bf16
 from adaptext.precision import resolve as resolve_precision
-from adaptext.tasks import Task, lower_is_better
+from adaptext.tasks import Task, lower_is_better, output_layer
 from adaptext.tasks import class_weight_tensor as class_weight_tensor
 from adaptext.tasks import focal_loss as focal_loss
 from adaptext.tasks import make_loss as make_loss
@@ -114,10 +115,18 @@ class TrainResult:
     best_val_logits: np.ndarray | None = None  # the best evaluation's (pooled) logits, so nobody recomputes them
 
 
+def planned_epochs(n_train: int, cfg: Any) -> float:
+    """--epochs, raised on small data so that training takes at least --min-steps optimiser steps."""
+    if cfg.epochs == 0 or not getattr(cfg, "min_steps", 0):
+        return cfg.epochs
+    batches_per_epoch = max(math.ceil(n_train / cfg.batch_size), 1)
+    return max(cfg.epochs, cfg.min_steps * cfg.grad_accum / batches_per_epoch)
+
+
 def planned_steps(n_train: int, cfg: Any) -> tuple[int, int, int]:
     """Batches per epoch, batches in all, optimiser steps in all."""
     batches_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_batches = math.ceil(batches_per_epoch * cfg.epochs)
+    total_batches = math.ceil(batches_per_epoch * planned_epochs(n_train, cfg))
     return batches_per_epoch, total_batches, math.ceil(total_batches / cfg.grad_accum)
 
 
@@ -140,6 +149,7 @@ def train_loop(
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     task: Task | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    contrastive: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best evaluated weights.
 
@@ -155,7 +165,8 @@ def train_loop(
     (say, a hyper-parameter search pruning the trial) ends training and propagates; ``on_log`` likewise
     with every training-log record (step, epoch, loss, lr, samples/s, tokens/s). ``task`` (see
     adaptext.tasks) sets the loss, the label tensors and the validation metrics (default: single-label);
-    ``cfg.metric`` must be one of its metrics.
+    ``cfg.metric`` must be one of its metrics. ``contrastive`` weighs a supervised contrastive term on the
+    pooled vectors (single-label; adaptext.contrastive), computed on each process's rows.
     """
     task = task or Task()
     metric = task.resolve_metric(cfg.metric)
@@ -169,10 +180,12 @@ def train_loop(
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     eval_points = {
         min(e * batches_per_epoch + round(k * batches_per_epoch / cfg.evals_per_epoch), total_batches)
-        for e in range(math.ceil(cfg.epochs))
+        for e in range(math.ceil(planned_epochs(len(train_ids), cfg)))
         for k in range(1, cfg.evals_per_epoch + 1)
     }
     eval_points.add(total_batches)
+    if not val_ids:  # no validation split (small data, see data.load_training_data): a fixed schedule
+        eval_points = set()
 
     # Compiled graphs are shape-specialised: wider padding buckets mean a few compiles, not one per width.
     # (Not with the feature cache: its per-batch stand-in tensor would recompile every step.)
@@ -224,7 +237,8 @@ def train_loop(
     if features is not None:
         features.build(model, "train", train_ids, pad_id, max(cfg.batch_size, 64), precision)
         val_started = time.perf_counter()
-        features.build(model, "validation", val_ids, pad_id, max(cfg.batch_size, 64), precision)
+        if val_ids:
+            features.build(model, "validation", val_ids, pad_id, max(cfg.batch_size, 64), precision)
         started += time.perf_counter() - val_started  # validation work, counted like the evaluation passes
     feed_val = (lambda b, w: features.feed("validation", b, w, device)) if features is not None else None
     attached = features.attached() if features is not None else contextlib.nullcontext()
@@ -236,8 +250,12 @@ def train_loop(
 
     # Cheap dropout masks on a CPU (adaptext.dropout); compiled graphs make their own.
     cheap_masks = cpu_dropout(model, enabled=device.type == "cpu" and step_model is model)
+    # Single-label: a supervised contrastive term on the pooled vectors (adaptext.contrastive).
+    contrast = task.kind == "single-label" and contrastive > 0
+    tap = FeatureTap()
+    tapped = tap.attached(output_layer(model, len(class_names))) if contrast else contextlib.nullcontext()
     try:
-        with attached, cheap_masks:
+        with attached, cheap_masks, tapped:
             while batch_no < total_batches:
                 epoch_rng = checkpoint.python_rng_to_tensor(rng)  # before this epoch's shuffle: resume replays it
                 for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng)):
@@ -259,6 +277,11 @@ def train_loop(
                         with autocast(precision, device):
                             logits = step_model(**inputs).logits
                         loss = loss_fn(logits.float(), labels_all[rows].to(device))
+                        if contrast:
+                            pooled = tap.pooled(inputs["attention_mask"].sum(1))
+                            loss = loss + contrastive * supcon_loss(
+                                pooled, labels_all[rows].to(device), cfg.contrastive_temperature
+                            )
                         # Scaled by this process's share of the batch: summed over processes, the gradient
                         # is the whole batch's mean, as in a single process. (FSDP averages over processes
                         # rather than summing: times world.)

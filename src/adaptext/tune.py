@@ -214,7 +214,14 @@ def _check_inputs(base: config.TrainConfig) -> tuple[int, str]:
         model_config = AutoConfig.from_pretrained(source.path)
     except Exception as exc:  # noqa: BLE001 — the same one line as a failed training load
         raise models._load_error(source, exc) from None
-    task = data.load_training_data(base).task
+    dataset = data.load_training_data(base)
+    if "validation" not in dataset.splits:
+        raise AdaptextError(
+            f"tune scores trials on a validation split, and {len(dataset.splits['train']):,} training examples are "
+            f"too few to carve one (--validation-min-train {base.validation_min_train}); give a validation split, "
+            "or --validation-min-train 0 to carve one anyway"
+        )
+    task = dataset.task
     for key in ("num_hidden_layers", "n_layers", "n_layer"):
         if isinstance(getattr(model_config, key, None), int):
             return getattr(model_config, key), task

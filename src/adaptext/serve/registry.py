@@ -126,12 +126,15 @@ class Adapter(SavedSettings):
 class SharedBase:
     """One base model in memory; LoRA deltas and heads picked per row."""
 
-    def __init__(self, source: ModelSource, pad_token_id: int, device: torch.device, precision: str):
+    def __init__(
+        self, source: ModelSource, pad_token_id: int, device: torch.device, precision: str, pooling: str = "native"
+    ):
         self.source = source
         self.device = device
         self.precision = precision
         self.pad_token_id = pad_token_id
-        model, _ = load_classifier(source, 2, {0: "0", 1: "1"}, pad_token_id)
+        self.pooling = pooling
+        model, _ = load_classifier(source, 2, {0: "0", 1: "1"}, pad_token_id, pooling=pooling)
         self.model = model.eval().to(device)
         self.peft: Any = None  # the peft model around self.model, once a LoRA adapter arrives
         self.switches: dict[str, HeadSwitch] = {}
@@ -345,8 +348,11 @@ class Registry:
             if not weights.is_file():
                 raise AdaptextError(f"{folder} has no {weights.name}; only safetensors weights are loaded")
             source = _base_source(meta)
-            key = f"{os.path.realpath(source.path)}|pad={labels['pad_token_id']}"
-            runner = self.bases.get(key) or SharedBase(source, labels["pad_token_id"], self.device, self.precision)
+            pooling = meta.get("pooling", "native")  # adapters share a base only if they pool alike
+            key = f"{os.path.realpath(source.path)}|pad={labels['pad_token_id']}|pooling={pooling}"
+            runner = self.bases.get(key) or SharedBase(
+                source, labels["pad_token_id"], self.device, self.precision, pooling
+            )
             runner.add(name, folder, meta, len(class_names))
             self.bases[key] = runner
         else:

@@ -1,0 +1,114 @@
+"""A head that starts from what the frozen encoder already knows (linear probing, then fine-tuning).
+
+A fresh head is random: on a few dozen examples, the first steps of fine-tuning spend the data
+teaching the head and push noise back into the encoder. Here the head's output layer starts as a
+logistic regression fitted on the frozen model's features of the training examples (what the output
+layer reads: the pooled vector, or a RoBERTa-style head's hidden layer). This is LP-FT (Kumar et al.,
+ICLR 2022, "Fine-Tuning can Distort Pretrained Features"), and the probe alone is the "frozen body +
+logistic head" baseline of the SetFit paper. It costs one forward pass over at most ``MAX_ROWS``
+training examples and a few seconds of scikit-learn.
+
+The probe's cross-validated accuracy on the training examples is reported: an honest held-out estimate
+even when the data is too small to carve a validation split from.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptext.batching import collate, inference_batches
+from adaptext.precision import autocast
+from adaptext.tasks import output_layer
+
+MAX_ROWS = 4096  # the probe sees at most this many training examples (stratification is not needed: it
+# only starts the head, and 4,096 rows pin a linear model down)
+FOLDS = 4
+
+
+@dataclass
+class Probe:
+    rows: int
+    cv_accuracy: float | None  # None when a class has too few examples to hold any out
+
+    def describe(self) -> str:
+        held = f"{FOLDS}-fold accuracy {self.cv_accuracy:.3f}" if self.cv_accuracy is not None else "no folds"
+        return f"logistic regression on the frozen encoder's features of {self.rows:,} examples ({held})"
+
+
+@torch.no_grad()
+def features(
+    model: nn.Module, ids: list[list[int]], pad_id: int, layer: nn.Module, precision: str, batch_size: int = 64
+) -> np.ndarray:
+    """What ``layer`` reads for each text, in input order, with the model in eval mode."""
+    device = next(model.parameters()).device
+    out = np.zeros((len(ids), layer.in_features), dtype=np.float32)
+    captured: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in inference_batches([len(x) for x in ids], batch_size, device):
+            inputs = {k: v.to(device) for k, v in collate([ids[i] for i in batch], pad_id).items()}
+            captured.clear()
+            with autocast(precision, device):
+                model(**inputs)
+            read = captured[-1].float()
+            if read.dim() == 3:  # a decoder's score reads every position and keeps the last real token's
+                read = read[torch.arange(len(batch)), torch.tensor([len(ids[i]) - 1 for i in batch])]
+            out[batch] = read.cpu().numpy()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return out
+
+
+def fit_head(
+    model: nn.Module,
+    ids: list[list[int]],
+    labels: list[int],
+    num_labels: int,
+    pad_id: int,
+    precision: str,
+    seed: int,
+) -> Probe:
+    """Set the output layer to a logistic regression on the frozen features; return what it scored."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    layer = output_layer(model, num_labels)
+    rows = list(range(len(ids)))
+    if len(rows) > MAX_ROWS:
+        rows = sorted(random.Random(seed).sample(rows, MAX_ROWS))
+    x = features(model, [ids[i] for i in rows], pad_id, layer, precision).astype(np.float64)
+    y = np.asarray([labels[i] for i in rows])
+    classifier = LogisticRegression(max_iter=2000, fit_intercept=layer.bias is not None)
+    smallest = np.bincount(y, minlength=num_labels)[np.unique(y)].min()
+    cv = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on separable few-shot data
+        if smallest >= 2 and len(np.unique(y)) > 1:
+            folds = StratifiedKFold(min(FOLDS, int(smallest)), shuffle=True, random_state=seed)
+            cv = float(cross_val_score(classifier, x, y, cv=folds).mean())
+        classifier.fit(x, y)
+    weight = np.zeros((num_labels, x.shape[1]))
+    bias = np.zeros(num_labels)
+    present = classifier.classes_
+    if len(present) == 2:  # scikit-learn fits one row for two classes: split it evenly between them
+        weight[present[1]], weight[present[0]] = classifier.coef_[0] / 2, -classifier.coef_[0] / 2
+        bias[present[1]], bias[present[0]] = classifier.intercept_[0] / 2, -classifier.intercept_[0] / 2
+    else:
+        weight[present] = classifier.coef_
+        bias[present] = classifier.intercept_
+    if len(present) < num_labels:  # a class with no training example: never predicted at the start
+        bias[np.setdiff1d(np.arange(num_labels), present)] = bias[present].min() - 10.0
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+    return Probe(len(rows), cv)
