@@ -26,6 +26,9 @@ def main(argv: list[str]) -> int:
     parser = cli.build_parser()
     args = parser.parse_args(["train", *options])
     values, _ = cli.gather_options(args)
+    # The harness compares pipelines at equal epochs: --epochs must mean epochs, not be raised to adaptext's
+    # small-data floor of optimiser steps (--min-steps; the few-label study, benchmarks/fewshot.py, keeps it).
+    values.setdefault("min_steps", 0)
     with tempfile.TemporaryDirectory() as tmp:
         values.update(output=str(Path(tmp) / "run"), overwrite=True)
         keep = os.environ.get("ADAPTEXT_BENCH_KEEP")  # infer_speed.py reuses the trained model

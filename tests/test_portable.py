@@ -73,7 +73,7 @@ def test_minilm_adapter_names_its_hub_base_and_loads_elsewhere(tmp_path):
     output = tmp_path / "trained"
     # fmt: off
     api.train(data=str(SHARED_DATA / "ag_news"), train_size=64, eval_size=32, test_size=32, epochs=1, max_length=32,
-              seed=1, output=str(output), progress=False, echo=lambda line: None)
+              seed=1, min_steps=0, output=str(output), progress=False, echo=lambda line: None)
     # fmt: on
     adapter_config = json.loads((output / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == MINILM_HUB_ID
