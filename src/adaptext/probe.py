@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from adaptext.batching import collate, inference_batches
+from adaptext.contrastive import FeatureTap
 from adaptext.precision import autocast
 from adaptext.tasks import output_layer
 
@@ -48,22 +49,17 @@ def features(
     """What ``layer`` reads for each text, in input order, with the model in eval mode."""
     device = next(model.parameters()).device
     out = np.zeros((len(ids), layer.in_features), dtype=np.float32)
-    captured: list[torch.Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].detach()))
+    tap = FeatureTap()  # the same reading of the head's input as the contrastive term's
     was_training = model.training
     model.eval()
     try:
-        for batch in inference_batches([len(x) for x in ids], batch_size, device):
-            inputs = {k: v.to(device) for k, v in collate([ids[i] for i in batch], pad_id).items()}
-            captured.clear()
-            with autocast(precision, device):
-                model(**inputs)
-            read = captured[-1].float()
-            if read.dim() == 3:  # a decoder's score reads every position and keeps the last real token's
-                read = read[torch.arange(len(batch)), torch.tensor([len(ids[i]) - 1 for i in batch])]
-            out[batch] = read.cpu().numpy()
+        with tap.attached(layer):
+            for batch in inference_batches([len(x) for x in ids], batch_size, device):
+                inputs = {k: v.to(device) for k, v in collate([ids[i] for i in batch], pad_id).items()}
+                with autocast(precision, device):
+                    model(**inputs)
+                out[batch] = tap.pooled(inputs["attention_mask"].sum(1)).float().cpu().numpy()
     finally:
-        hook.remove()
         model.train(was_training)
     return out
 
