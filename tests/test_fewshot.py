@@ -272,6 +272,66 @@ def test_head_init_choices(tiny_models, topic_dir, tmp_path):
         api._head_init(config.validate(TrainConfig(head_init="probe")), api.Task("regression"))
 
 
+def test_refit_head_without_validation_is_the_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _separable(6, 3)
+    model = _Linear(x, 3)  # its head is random: what fine-tuning "left"
+    ids = [[i + 1, 0] for i in range(len(x))]
+    found = probe.refit_head(model, ids, y.tolist(), 3, pad_id=0, precision="fp32", seed=0)
+    assert found.kept and found.trained_accuracy is None and "no validation: kept" in found.describe()
+    reference = LogisticRegression(max_iter=2000).fit(x, y)
+    with torch.no_grad():
+        probs = torch.softmax(model.classifier(torch.tensor(x, dtype=torch.float32)), -1).numpy()
+    np.testing.assert_allclose(probs, reference.predict_proba(x), atol=1e-5)
+
+
+def test_refit_head_is_kept_only_when_validation_says_so():
+    x, y = _separable(6, 3, seed=1)
+    model = _Linear(x, 3)
+    ids = [[i + 1, 0] for i in range(len(x))]
+    with torch.no_grad():  # a trained head that reads the classes backwards: the refit must win
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    found = probe.refit_head(model, ids, y.tolist(), 3, 0, "fp32", 0, validation=(ids, y.tolist()))
+    assert found.kept and found.trained_accuracy == pytest.approx(1 / 3) and found.refit_accuracy == 1.0
+    assert "validation accuracy 1.000 vs the trained head's 0.333, kept" in found.describe()
+    before = model.classifier.weight.detach().clone()
+    again = probe.refit_head(model, ids, y.tolist(), 3, 0, "fp32", 0, validation=(ids, y.tolist()))
+    assert not again.kept and "not kept" in again.describe()  # a tie keeps the trained head, untouched
+    assert torch.equal(model.classifier.weight, before)
+    # windows: validation rows pooled into texts before scoring (here: pairs of rows, mean of their logits)
+    pool = lambda logits: logits.reshape(-1, 2, logits.shape[1]).mean(1)  # noqa: E731
+    pooled = probe.refit_head(model, ids, y.tolist(), 3, 0, "fp32", 0, validation=(ids, y[::2].tolist()), pool=pool)
+    assert pooled.trained_accuracy is not None
+
+
+def test_head_refit_choices_and_eight_classes_with_rank_eight(tiny_models, tmp_path):
+    """8 classes and LoRA r=8: the adapter's A matrices have 8 outputs too, and must not pass for the head."""
+    rows = [{"text": " ".join([f"w{c}"] * (1 + i % 4)), "label": f"c{c}"} for c in range(8) for i in range(6)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[::3]).to_csv(tmp_path / "test.csv", index=False)
+
+    def run(name: str, **options) -> tuple[list[str], dict]:
+        lines: list[str] = []
+        api.train(model=str(tiny_models["bert"]), data=str(tmp_path), epochs=1, min_steps=0, max_length=16,
+                  lora_r=8, output=str(tmp_path / name), progress=False, echo=lines.append, **options)  # fmt: skip
+        return lines, artifacts.read_meta(tmp_path / name)
+
+    lines, meta = run("auto", pooling="mean")
+    assert any(line.startswith("head: logistic regression refitted") for line in lines)
+    assert meta["head_refit"] == {"rows": 48, "kept": True, "trained_accuracy": None, "refit_accuracy": None}
+    assert "refitted by logistic regression on the trained features of 48" in (tmp_path / "auto" / "README.md").read_text()
+    lines, meta = run("off", pooling="mean", head_refit="off")
+    assert not any("refitted" in line for line in lines) and meta["head_refit"] is None
+    lines, meta = run("native", pooling="native")  # auto: only where the head started as a probe
+    assert meta["head_refit"] is None
+    lines, meta = run("on", pooling="native", head_refit="on")
+    assert meta["head_refit"]["kept"] is True
+    with pytest.raises(AdaptextError, match="--head-refit .always. is not one of auto, on, off"):
+        config.validate(TrainConfig(head_refit="always"))
+
+
 # ---------------------------------------------------------------- the contrastive term
 
 

@@ -231,12 +231,16 @@ def _train(
         )
         if task.kind == "regression":
             tasks.fold_target_scale(model, task.mean, task.std)
+        refit = _refit_head(model, cfg, task, head_start["kind"], group, encoded, dataset, train_labels, precision,
+                            tokenizer.pad_token_id, windowing, echo)  # fmt: skip
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
         for split in ("validation", "test"):
             if split not in encoded:
                 continue
-            if split == "validation" and result.best_val_logits is not None and task.kind != "regression":
+            if split == "validation" and result.best_val_logits is not None and task.kind != "regression" and not (
+                refit and refit.kept
+            ):
                 # The saved weights are that evaluation's, so its logits serve (regression's were in
                 # standardised units, before the target scale was folded into the head: those run again).
                 logits = result.best_val_logits
@@ -279,6 +283,7 @@ def _train(
             "pooling": pooling,  # installed again on every load (adaptext.pooling)
             "head_init": head_start,
             "contrastive": contrast,
+            "head_refit": refit.to_dict() if refit else None,
             "schedule": {
                 "epochs": epochs,
                 "steps": planned_steps(len(train_labels), cfg)[2],
@@ -342,6 +347,43 @@ def _head_init(cfg: config.TrainConfig, task: Task, pooling: str = "mean") -> st
             raise AdaptextError(f"--head-init probe is for single-label data; this is {task.kind}: use auto or random")
         return cfg.head_init
     return "probe" if task.kind == "single-label" and cfg.epochs > 0 and pooling == "mean" else "random"
+
+
+def _refit_head(
+    model: torch.nn.Module,
+    cfg: config.TrainConfig,
+    task: Task,
+    head_start: str,
+    group: distributed.Group,
+    encoded: dict[str, Any],
+    dataset: data.TextDataset,
+    train_labels: list[Any],
+    precision: str,
+    pad_id: int,
+    windowing: Windowing,
+    echo: Callable[[str], None],
+) -> probe.Refit | None:
+    """The output layer refitted on the trained features (probe.refit_head) where --head-refit asks for it."""
+    wanted = {"on": True, "off": False}.get(cfg.head_refit, head_start == "probe")
+    if not wanted or task.kind != "single-label" or cfg.epochs == 0:
+        return None
+    if group.sharded:
+        echo("head: --head-refit skipped: with FSDP the output layer is sharded across processes")
+        return None
+    validation = encoded.get("validation")
+    found = probe.refit_head(
+        model,
+        encoded["train"].ids,
+        train_labels,
+        dataset.num_labels,
+        pad_id,
+        precision,
+        cfg.seed,
+        (validation.ids, dataset.splits["validation"].labels) if validation is not None else None,
+        (lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
+    )
+    echo(f"head: {found.describe()}")
+    return found
 
 
 def contrastive_weight(cfg: config.TrainConfig, pooling: str) -> float:

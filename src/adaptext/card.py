@@ -120,7 +120,14 @@ def _start(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
         cv = f", cross-validated accuracy {head['cv_accuracy']:.3f}" if head.get("cv_accuracy") is not None else ""
         start = f"a head fitted by logistic regression on the frozen features of {head['rows']:,} examples{cv}"
     contrast = f", contrastive weight {meta['contrastive']:g}" if meta.get("contrastive") else ""
-    return f"Pooling {meta.get('pooling', 'native')}; training started from {start}{contrast}."
+    refit = meta.get("head_refit")
+    end = ""
+    if refit and refit["kept"]:
+        end = f" After training, the output layer was refitted by logistic regression on the trained features of {refit['rows']:,} examples"
+        if refit.get("trained_accuracy") is not None:
+            end += f" (validation accuracy {refit['refit_accuracy']:.3f} vs {refit['trained_accuracy']:.3f})"
+        end += "."
+    return f"Pooling {meta.get('pooling', 'native')}; training started from {start}{contrast}.{end}"
 
 
 def _precision_note(precision: str) -> str:

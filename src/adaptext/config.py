@@ -37,6 +37,7 @@ METRICS = (
 )  # fmt: skip
 LOSSES = ("cross-entropy", "focal")
 HEAD_INITS = ("auto", "probe", "random")
+HEAD_REFITS = ("auto", "on", "off")
 MIN_STEPS = 100  # measured: docs/RESULTS.md "Few labels"
 SMALL_DATA = 300  # fewer training examples than this: no validation carved (a tenth would be < 30 examples)
 MAX_FOCAL_GAMMA = 10.0
@@ -197,6 +198,13 @@ class TrainConfig:
         "features of the training examples, then fine-tuned: LP-FT), random, or auto (probe for single-label "
         "training with mean pooling, where it was measured; else random, and random with --epochs 0; multi-label "
         "starts at the class rates, regression at the mean).",
+    )
+    head_refit: str = _f(
+        "auto",
+        "Single-label: after training, fit the output layer again as a logistic regression on the trained "
+        "encoder's features (SetFit's second stage). With a validation split the refit is kept only if it "
+        "scores a higher validation accuracy than the trained head; without one it is kept. auto: on where the "
+        "head started as a probe (see --head-init); on: for every single-label run; off: never.",
     )
     batch_size: int = _f(16, "Examples per optimiser step (before accumulation).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
@@ -359,6 +367,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
+    _check_choice("head_refit", cfg.head_refit, HEAD_REFITS)
     _check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     _check_choice("long_text", cfg.long_text, LONG_TEXT)
     _check_choice("window_pool", cfg.window_pool, WINDOW_POOLS)

@@ -269,11 +269,20 @@ def make_loss(
 
 
 def output_layer(model: nn.Module, width: int = 1) -> nn.Linear:
-    """The head's trained output layer: the one trainable ``Linear`` with ``width`` outputs (1 for regression)."""
+    """The head's trained output layer: the one trainable ``Linear`` with ``width`` outputs (1 for regression).
+    An adapter's own matrices are not candidates (LoRA's A is a trainable ``Linear`` with r outputs: with
+    r = 8 it would look like the head of 8-class data)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft's import is slow and inference may not need it
+
+    inside_adapters = {id(sub) for module in model.modules() if isinstance(module, BaseTunerLayer)
+                       for sub in module.modules()}  # fmt: skip
     last = [
         module
         for module in model.modules()
-        if isinstance(module, nn.Linear) and module.out_features == width and module.weight.requires_grad
+        if isinstance(module, nn.Linear)
+        and module.out_features == width
+        and module.weight.requires_grad
+        and id(module) not in inside_adapters
     ]
     if len(last) != 1:
         raise AdaptextError(
