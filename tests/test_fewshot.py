@@ -332,6 +332,38 @@ def test_head_refit_choices_and_eight_classes_with_rank_eight(tiny_models, tmp_p
         config.validate(TrainConfig(head_refit="always"))
 
 
+def test_loss_auto_is_contrastive_only_for_small_single_label_data_with_a_probe_head():
+    cfg = config.validate(TrainConfig())
+    single, multi = api.Task("single-label"), api.Task("multi-label")
+    assert api.resolve_loss(cfg, single, "probe", validated=False) == "contrastive"
+    assert api.resolve_loss(cfg, single, "probe", validated=True) == "cross-entropy"  # validation picks epochs
+    assert api.resolve_loss(cfg, single, "random", validated=False) == "cross-entropy"
+    assert api.resolve_loss(cfg, multi, "random", validated=False) == "cross-entropy"
+    off = config.validate(TrainConfig(head_refit="off"))
+    assert api.resolve_loss(off, single, "probe", validated=False) == "cross-entropy"
+    with pytest.raises(AdaptextError, match="--loss contrastive is for single-label data; this is multi-label"):
+        api.resolve_loss(config.validate(TrainConfig(loss="contrastive")), multi, "random", validated=False)
+    with pytest.raises(AdaptextError, match="--loss contrastive trains no head .*drop --head-refit off"):
+        config.validate(TrainConfig(loss="contrastive", head_refit="off"))
+    with pytest.raises(AdaptextError, match="--loss contrastive with --contrastive 0"):
+        config.validate(TrainConfig(loss="contrastive", contrastive=0))
+
+
+def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the_refit(tiny_models, topic_dir, tmp_path):
+    lines: list[str] = []
+    out = api.train(model=str(tiny_models["bert"]), data=str(topic_dir), epochs=2, min_steps=0, max_length=32,
+                    loss="contrastive", log_every=1, output=str(tmp_path / "c"), progress=False, echo=lines.append)  # fmt: skip
+    schedule = next(line for line in lines if line.startswith("schedule:"))
+    assert "no validation split, so the final weights are kept; loss: supervised contrastive only, the head" in schedule
+    refit = out.meta["head_refit"]
+    assert out.meta["loss"] == "contrastive" and out.meta["schedule"]["validation"] is False
+    assert refit["trained_accuracy"] is not None and refit["refit_accuracy"] is not None  # scored on validation
+    assert out.metrics["best"] is None and "validation" in out.metrics and "test" in out.metrics
+    records = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").open()]
+    assert records and all(r["loss"] > 0 for r in records if "loss" in r and "eval" not in r)  # supcon, not 0
+    assert "supervised contrastive" in (tmp_path / "c" / "README.md").read_text()
+
+
 # ---------------------------------------------------------------- the contrastive term
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import platform
 import resource
@@ -169,7 +170,8 @@ def _train(
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
     head_start: dict[str, Any] = {"kind": _head_init(cfg, task, pooling)}
-    contrast = contrastive_weight(cfg, pooling) if task.kind == "single-label" else 0.0
+    loss = resolve_loss(cfg, task, head_start["kind"], "validation" in encoded)
+    contrast = contrastive_weight(cfg, pooling, loss) if task.kind == "single-label" else 0.0
     if head_start["kind"] == "probe":  # before sharding: every process fits the same probe on whole weights
         found = probe.fit_head(
             model, encoded["train"].ids, train_labels, dataset.num_labels, tokenizer.pad_token_id, precision, cfg.seed
@@ -192,9 +194,16 @@ def _train(
         f"train: {examples} x {epochs:.3g} epochs, batch {cfg.batch_size}, "
         f"lr {cfg.resolved_lr():g}, {precision} on {device.type}{processes}"
     )
+    # The contrastive loss trains no head, so validation cannot pick an epoch: the schedule is fixed, and
+    # validation scores the refitted head instead (probe.refit_head).
+    selects = "validation" in encoded and loss != "contrastive"
     if cfg.epochs > 0:
-        term = f"; contrastive term weight {contrast:g}" if contrast else ""
-        echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, "validation" in encoded, task) + term)
+        term = f"; contrastive term weight {contrast:g}" if contrast and loss != "contrastive" else ""
+        if loss == "contrastive":
+            term = "; loss: supervised contrastive only" + (
+                " (--loss auto: small data, no validation split)" if cfg.loss == "auto" else ""
+            ) + ", the head is refitted after training"
+        echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
     if group.sharded and features is not None:
@@ -202,6 +211,7 @@ def _train(
     if features is not None or layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
     validation = encoded.get("validation")  # None: too little data to carve one (data.load_training_data)
+    selecting = validation if selects else None
     stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
     report_to = cfg.report_to if group.primary else None
     resumed = resume_state is not None
@@ -210,11 +220,11 @@ def _train(
             model,
             encoded["train"].ids,
             train_labels,
-            validation.ids if validation is not None else [],
-            dataset.splits["validation"].labels if validation is not None else [],
+            selecting.ids if selecting is not None else [],
+            dataset.splits["validation"].labels if selecting is not None else [],
             dataset.class_names,
             tokenizer.pad_token_id,
-            cfg,
+            dataclasses.replace(cfg, loss=loss),
             staging / "train_log.jsonl" if group.primary else None,
             progress,
             features,
@@ -223,7 +233,7 @@ def _train(
             else None,
             resume=resume_state,
             group=group,
-            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
+            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding and selects else None,
             on_eval=reporter.with_eval(on_eval),
             on_log=reporter.log_step,
             task=task,
@@ -231,7 +241,7 @@ def _train(
         )
         if task.kind == "regression":
             tasks.fold_target_scale(model, task.mean, task.std)
-        refit = _refit_head(model, cfg, task, head_start["kind"], group, encoded, dataset, train_labels, precision,
+        refit = _refit_head(model, cfg, task, head_start["kind"], loss, group, encoded, dataset, train_labels, precision,
                             tokenizer.pad_token_id, windowing, echo)  # fmt: skip
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
         eval_batch = max(cfg.batch_size, 64)
@@ -283,11 +293,12 @@ def _train(
             "pooling": pooling,  # installed again on every load (adaptext.pooling)
             "head_init": head_start,
             "contrastive": contrast,
+            "loss": loss,
             "head_refit": refit.to_dict() if refit else None,
             "schedule": {
                 "epochs": epochs,
                 "steps": planned_steps(len(train_labels), cfg)[2],
-                "validation": "validation" in encoded,
+                "validation": selects,
             },  # fmt: skip
             "head_modules": head_modules,
             "target_modules": targets,
@@ -354,6 +365,7 @@ def _refit_head(
     cfg: config.TrainConfig,
     task: Task,
     head_start: str,
+    loss: str,
     group: distributed.Group,
     encoded: dict[str, Any],
     dataset: data.TextDataset,
@@ -364,7 +376,7 @@ def _refit_head(
     echo: Callable[[str], None],
 ) -> probe.Refit | None:
     """The output layer refitted on the trained features (probe.refit_head) where --head-refit asks for it."""
-    wanted = {"on": True, "off": False}.get(cfg.head_refit, head_start == "probe")
+    wanted = loss == "contrastive" or {"on": True, "off": False}.get(cfg.head_refit, head_start == "probe")
     if not wanted or task.kind != "single-label" or cfg.epochs == 0:
         return None
     if group.sharded:
@@ -386,11 +398,22 @@ def _refit_head(
     return found
 
 
-def contrastive_weight(cfg: config.TrainConfig, pooling: str) -> float:
-    """--contrastive, or its default: 1 with mean pooling (measured there), else 0."""
+def contrastive_weight(cfg: config.TrainConfig, pooling: str, loss: str = "cross-entropy") -> float:
+    """--contrastive, or its default: 1 with mean pooling (measured there) or as the whole loss, else 0."""
     if cfg.contrastive is not None:
         return cfg.contrastive
-    return 1.0 if pooling == "mean" else 0.0
+    return 1.0 if pooling == "mean" or loss == "contrastive" else 0.0
+
+
+def resolve_loss(cfg: config.TrainConfig, task: Task, head_start: str, validated: bool) -> str:
+    """--loss, with auto decided: the contrastive loss alone (then a refitted head) for small single-label
+    data whose head starts as a probe, where it was measured (docs/RESULTS.md "Few labels"); else cross-entropy."""
+    if cfg.loss == "contrastive" and task.kind != "single-label":
+        raise AdaptextError(f"--loss contrastive is for single-label data; this is {task.kind}: use auto")
+    if cfg.loss != "auto":
+        return cfg.loss
+    small = task.kind == "single-label" and head_start == "probe" and not validated and cfg.epochs > 0
+    return "contrastive" if small and cfg.head_refit != "off" and cfg.contrastive != 0 else "cross-entropy"
 
 
 def _schedule_line(cfg: config.TrainConfig, rows: int, epochs: float, validated: bool, task: Task) -> str:

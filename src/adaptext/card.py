@@ -190,7 +190,12 @@ tokenizer = AutoTokenizer.from_pretrained("{folder_name}")
 ```
 {_base_note(base["path"], base_id, num_labels, folder_name)}
 """
-    loss = cfg.get("loss", "cross-entropy") + (f" (gamma {cfg['focal_gamma']:g})" if cfg.get("loss") == "focal" else "")
+    used = meta.get("loss") or cfg.get("loss", "cross-entropy")
+    if used == "auto":  # saved before the loss was recorded: auto meant cross-entropy then
+        used = "cross-entropy"
+    loss = used + (f" (gamma {cfg['focal_gamma']:g})" if used == "focal" else "")
+    if used == "contrastive":
+        loss = "supervised contrastive (the head refitted by logistic regression after training)"
     if cfg.get("class_weights"):
         loss += ", class-weighted"
     return f"""---

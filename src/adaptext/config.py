@@ -35,7 +35,7 @@ METRICS = (
     "auto", "accuracy", "macro_f1", "weighted_f1", "loss", "micro_f1", "subset_accuracy",
     "rmse", "mae", "r2", "pearson", "spearman",
 )  # fmt: skip
-LOSSES = ("cross-entropy", "focal")
+LOSSES = ("auto", "cross-entropy", "focal", "contrastive")
 HEAD_INITS = ("auto", "probe", "random")
 HEAD_REFITS = ("auto", "on", "off")
 MIN_STEPS = 100  # measured: docs/RESULTS.md "Few labels"
@@ -217,9 +217,14 @@ class TrainConfig:
         False, "Weight the loss by inverse class frequency (with --loss focal: the weights are focal's alpha)."
     )
     loss: str = _f(
-        "cross-entropy",
-        "Training loss: cross-entropy, or focal (Lin et al. 2017: scales each example's cross-entropy by "
-        "(1 - p_true)^gamma, so examples the model already gets right count less; for skewed classes).",
+        "auto",
+        "Training loss. cross-entropy; focal (Lin et al. 2017: scales each example's cross-entropy by "
+        "(1 - p_true)^gamma, so examples the model already gets right count less; for skewed classes); contrastive "
+        "(single-label: the encoder learns from a supervised contrastive loss alone, same class together and the "
+        "rest apart, for a fixed schedule, and the head is refitted by logistic regression after training: "
+        "SetFit's recipe, measured best under a few hundred examples); auto: contrastive where the head starts as "
+        "a probe and there is no validation split (small single-label data, see --validation-min-train), else "
+        "cross-entropy.",
     )
     focal_gamma: float = _f(
         2.0, f"Focal loss focusing exponent gamma, 0 to {MAX_FOCAL_GAMMA:g} (0 is cross-entropy; with --loss focal)."
@@ -228,7 +233,7 @@ class TrainConfig:
         None,
         "Single-label: weight of a supervised contrastive loss added to cross-entropy (same-class rows of a batch "
         "pulled together on the unit-normalised pooled vectors, the rest pushed apart: SetFit's signal, inside "
-        "ordinary batches); 0 turns it off. Default: 1 with mean pooling (sentence-transformers encoders, where "
+        "ordinary batches; with --loss contrastive it is the whole loss); 0 turns it off. Default: 1 with mean pooling (sentence-transformers encoders, where "
         "it was measured: docs/RESULTS.md 'Few labels'), else 0. With several processes each computes it on its "
         "own rows of the batch.",
     )
@@ -375,6 +380,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("task", cfg.task, TASKS)
     _check_task(cfg)
     _check_choice("loss", cfg.loss, LOSSES)
+    if cfg.loss == "contrastive" and cfg.head_refit == "off":
+        raise AdaptextError("--loss contrastive trains no head (it is refitted after training): drop --head-refit off")
+    if cfg.loss == "contrastive" and cfg.contrastive == 0:
+        raise AdaptextError("--loss contrastive with --contrastive 0 has nothing to learn from: drop one of them")
     _check_choice("feature_cache", cfg.feature_cache, FEATURE_CACHE)
     _check_choice("shard", cfg.shard, SHARDING)
     _check_report_to(cfg)
@@ -486,7 +495,7 @@ def _importable(module: str) -> bool:
 
 def check_regression_options(cfg: TrainConfig) -> None:
     """Class weights and focal loss are about classes: a regression run refuses them."""
-    for flag, used in (("--class-weights", cfg.class_weights), ("--loss focal", cfg.loss == "focal")):
+    for flag, used in (("--class-weights", cfg.class_weights), (f"--loss {cfg.loss}", cfg.loss in ("focal", "contrastive"))):
         if used:
             raise AdaptextError(f"{flag} applies to classification; drop it for regression (mean squared error)")
 

@@ -31,8 +31,8 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     counts = positives.sum(1)
     anchors = counts > 0
-    if not anchors.any():
-        return similarity.new_zeros(())
+    if not anchors.any():  # zero, still attached to the graph (it may be the whole loss)
+        return 0.0 * z.sum()
     summed = log_prob.masked_fill(~positives, 0.0).sum(1)
     return -(summed[anchors] / counts[anchors]).mean()
 

@@ -276,7 +276,11 @@ def train_loop(
                             features.feed("train", rows, padded["input_ids"].shape[1], device)
                         with autocast(precision, device):
                             logits = step_model(**inputs).logits
-                        loss = loss_fn(logits.float(), labels_all[rows].to(device))
+                        if cfg.loss == "contrastive":  # the head trains nothing (it is refitted after); the zero
+                            # keeps it in the graph, so every process reduces the same parameters
+                            loss = 0.0 * logits.float().sum()
+                        else:
+                            loss = loss_fn(logits.float(), labels_all[rows].to(device))
                         if contrast:
                             pooled = tap.pooled(inputs["attention_mask"].sum(1))
                             loss = loss + contrastive * supcon_loss(
