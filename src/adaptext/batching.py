@@ -96,7 +96,12 @@ def collate(ids: list[list[int]], pad_id: int, multiple: int = 8) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
+BUCKET_POOL = 50  # batches sorted by length together
+
+
+def bucketed_batches(
+    lengths: list[int], batch_size: int, rng: random.Random, pool: int = BUCKET_POOL
+) -> list[list[int]]:
     """Shuffle, then sort by length inside pools of ``pool`` batches: little padding, still random."""
     order = list(range(len(lengths)))
     rng.shuffle(order)

@@ -24,6 +24,7 @@ from torch import nn
 from adaptext import checkpoint, distributed
 from adaptext.batching import CHARS_PER_TOKEN_CAP as CHARS_PER_TOKEN_CAP
 from adaptext.batching import TOKENIZE_CHUNK as TOKENIZE_CHUNK
+from adaptext.batching import BUCKET_POOL
 from adaptext.batching import bucketed_batches as bucketed_batches
 from adaptext.batching import collate as collate
 from adaptext.batching import inference_batches as inference_batches
@@ -252,13 +253,17 @@ def train_loop(
     cheap_masks = cpu_dropout(model, enabled=device.type == "cpu" and step_model is model)
     # Single-label: a supervised contrastive term on the pooled vectors (adaptext.contrastive).
     contrast = task.kind == "single-label" and contrastive > 0
+    # Length bucketing sorts pools of 50 batches: on data that fits in a few pools the same rows would meet
+    # in the same batches every epoch, and the contrastive signal is which rows meet. With it, a pool is at
+    # most a quarter of an epoch (48 rows: random batches; large data: unchanged).
+    pool = max(1, min(BUCKET_POOL, math.ceil(len(train_ids) / cfg.batch_size) // 4)) if contrast else BUCKET_POOL
     tap = FeatureTap()
     tapped = tap.attached(output_layer(model, len(class_names))) if contrast else contextlib.nullcontext()
     try:
         with attached, cheap_masks, tapped:
             while batch_no < total_batches:
                 epoch_rng = checkpoint.python_rng_to_tensor(rng)  # before this epoch's shuffle: resume replays it
-                for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng)):
+                for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng, pool)):
                     if k < skip:  # done before the checkpoint this run resumed from
                         continue
                     if batch_no >= total_batches:
