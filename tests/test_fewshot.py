@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -365,6 +366,23 @@ def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the
 
 
 # ---------------------------------------------------------------- the contrastive term
+
+
+def test_contrastive_training_meets_new_pairs_every_epoch():
+    from adaptext.train import bucketed_batches, sorting_pool
+
+    assert sorting_pool(48, 16, contrastive=False) == 50
+    assert sorting_pool(48, 16, contrastive=True) == 1  # 3 batches an epoch: random batches
+    assert sorting_pool(1250, 16, contrastive=True) == 19  # a quarter of 79 batches
+    assert sorting_pool(100_000, 16, contrastive=True) == 50
+    lengths = [random.Random(i).randint(5, 60) for i in range(48)]
+    rng = random.Random(0)
+
+    def partitions(pool: int) -> set:
+        return {frozenset(frozenset(b) for b in bucketed_batches(lengths, 16, rng, pool)) for _ in range(10)}
+
+    assert len(partitions(50)) <= 2  # sorted by length as a whole: the same batches every epoch (but for ties)
+    assert len(partitions(1)) == 10
 
 
 def test_supcon_loss_by_hand():

@@ -116,6 +116,15 @@ class TrainResult:
     best_val_logits: np.ndarray | None = None  # the best evaluation's (pooled) logits, so nobody recomputes them
 
 
+def sorting_pool(rows: int, batch_size: int, contrastive: bool) -> int:
+    """How many batches bucketing sorts by length together. On data that fits in a pool or two the same
+    rows would meet in the same batches every epoch, and the contrastive signal is which rows meet: with
+    it, a pool is at most a quarter of an epoch (an 8/class set: random batches; large data: unchanged)."""
+    if not contrastive:
+        return BUCKET_POOL
+    return max(1, min(BUCKET_POOL, math.ceil(rows / batch_size) // 4))
+
+
 def planned_epochs(n_train: int, cfg: Any) -> float:
     """--epochs, raised on small data so that training takes at least --min-steps optimiser steps."""
     if cfg.epochs == 0 or not getattr(cfg, "min_steps", 0):
@@ -253,10 +262,7 @@ def train_loop(
     cheap_masks = cpu_dropout(model, enabled=device.type == "cpu" and step_model is model)
     # Single-label: a supervised contrastive term on the pooled vectors (adaptext.contrastive).
     contrast = task.kind == "single-label" and contrastive > 0
-    # Length bucketing sorts pools of 50 batches: on data that fits in a few pools the same rows would meet
-    # in the same batches every epoch, and the contrastive signal is which rows meet. With it, a pool is at
-    # most a quarter of an epoch (48 rows: random batches; large data: unchanged).
-    pool = max(1, min(BUCKET_POOL, math.ceil(len(train_ids) / cfg.batch_size) // 4)) if contrast else BUCKET_POOL
+    pool = sorting_pool(len(train_ids), cfg.batch_size, contrast)
     tap = FeatureTap()
     tapped = tap.attached(output_layer(model, len(class_names))) if contrast else contextlib.nullcontext()
     try:
