@@ -148,7 +148,7 @@ def test_skew_warning_is_printed_by_the_cli(tiny_models, tmp_path):
 @pytest.mark.parametrize(
     "values,expected",
     [
-        ({"loss": "dice"}, "--loss 'dice' is not one of cross-entropy, focal"),
+        ({"loss": "dice"}, "--loss 'dice' is not one of auto, cross-entropy, focal, contrastive"),
         ({"focal_gamma": -1}, "--focal-gamma must be between 0 and 10"),
         ({"focal_gamma": float("nan")}, "--focal-gamma must be a finite number"),
         ({"focal_gamma": 11}, "--focal-gamma must be between 0 and 10"),
