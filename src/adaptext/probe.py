@@ -98,7 +98,7 @@ class Refit:
         what = f"logistic regression refitted on the trained encoder's features of {self.rows:,} examples"
         if self.trained_accuracy is None:
             return f"{what} (no validation: kept, as measured in docs/RESULTS.md 'Few labels')"
-        verdict = "kept" if self.kept else "not kept: the trained head scored higher"
+        verdict = "kept" if self.kept else "not kept: the trained head scored at least as high"
         return (
             f"{what}: validation accuracy {self.refit_accuracy:.3f} vs the trained head's "
             f"{self.trained_accuracy:.3f}, {verdict}"
