@@ -373,7 +373,8 @@ def test_contrastive_training_meets_new_pairs_every_epoch():
 
     assert sorting_pool(48, 16, contrastive=False) == 50
     assert sorting_pool(48, 16, contrastive=True) == 1  # 3 batches an epoch: random batches
-    assert sorting_pool(1250, 16, contrastive=True) == 19  # a quarter of 79 batches
+    assert sorting_pool(500, 16, contrastive=True) == 8  # 32 batches, one pool: a quarter of them
+    assert sorting_pool(1250, 16, contrastive=True) == 50  # 79 batches: two pools, whose rows change by epoch
     assert sorting_pool(100_000, 16, contrastive=True) == 50
     lengths = [random.Random(i).randint(5, 60) for i in range(48)]
     rng = random.Random(0)

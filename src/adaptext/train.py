@@ -117,12 +117,14 @@ class TrainResult:
 
 
 def sorting_pool(rows: int, batch_size: int, contrastive: bool) -> int:
-    """How many batches bucketing sorts by length together. On data that fits in a pool or two the same
-    rows would meet in the same batches every epoch, and the contrastive signal is which rows meet: with
-    it, a pool is at most a quarter of an epoch (an 8/class set: random batches; large data: unchanged)."""
-    if not contrastive:
+    """How many batches bucketing sorts by length together. When one pool holds the whole epoch the same
+    rows meet in the same batches every epoch (with two or more, the shuffle changes each pool's rows),
+    and the contrastive signal is which rows meet: then a pool is a quarter of the epoch (an 8/class set:
+    random batches). Otherwise, and without the contrastive term, unchanged."""
+    batches = math.ceil(rows / batch_size)
+    if not contrastive or batches > BUCKET_POOL:
         return BUCKET_POOL
-    return max(1, min(BUCKET_POOL, math.ceil(rows / batch_size) // 4))
+    return max(1, batches // 4)
 
 
 def planned_epochs(n_train: int, cfg: Any) -> float:
