@@ -322,7 +322,9 @@ def test_head_refit_choices_and_eight_classes_with_rank_eight(tiny_models, tmp_p
     lines, meta = run("auto", pooling="mean")
     assert any(line.startswith("head: logistic regression refitted") for line in lines)
     assert meta["head_refit"] == {"rows": 48, "kept": True, "trained_accuracy": None, "refit_accuracy": None}
-    assert "refitted by logistic regression on the trained features of 48" in (tmp_path / "auto" / "README.md").read_text()
+    assert (
+        "refitted by logistic regression on the trained features of 48" in (tmp_path / "auto" / "README.md").read_text()
+    )
     lines, meta = run("off", pooling="mean", head_refit="off")
     assert not any("refitted" in line for line in lines) and meta["head_refit"] is None
     lines, meta = run("native", pooling="native")  # auto: only where the head started as a probe
@@ -350,7 +352,9 @@ def test_loss_auto_is_contrastive_only_for_small_single_label_data_with_a_probe_
         config.validate(TrainConfig(loss="contrastive", contrastive=0))
 
 
-def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the_refit(tiny_models, topic_dir, tmp_path):
+def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the_refit(
+    tiny_models, topic_dir, tmp_path
+):
     lines: list[str] = []
     out = api.train(model=str(tiny_models["bert"]), data=str(topic_dir), epochs=2, min_steps=0, max_length=32,
                     loss="contrastive", log_every=1, output=str(tmp_path / "c"), progress=False, echo=lines.append)  # fmt: skip

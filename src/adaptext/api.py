@@ -200,9 +200,11 @@ def _train(
     if cfg.epochs > 0:
         term = f"; contrastive term weight {contrast:g}" if contrast and loss != "contrastive" else ""
         if loss == "contrastive":
-            term = "; loss: supervised contrastive only" + (
-                " (--loss auto: small data, no validation split)" if cfg.loss == "auto" else ""
-            ) + ", the head is refitted after training"
+            term = (
+                "; loss: supervised contrastive only"
+                + (" (--loss auto: small data, no validation split)" if cfg.loss == "auto" else "")
+                + ", the head is refitted after training"
+            )
         echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
@@ -233,7 +235,9 @@ def _train(
             else None,
             resume=resume_state,
             group=group,
-            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding and selects else None,
+            val_pool=(lambda logits: windowing.pool_logits(logits, validation))
+            if windowing.sliding and selects
+            else None,
             on_eval=reporter.with_eval(on_eval),
             on_log=reporter.log_step,
             task=task,
@@ -248,8 +252,11 @@ def _train(
         for split in ("validation", "test"):
             if split not in encoded:
                 continue
-            if split == "validation" and result.best_val_logits is not None and task.kind != "regression" and not (
-                refit and refit.kept
+            if (
+                split == "validation"
+                and result.best_val_logits is not None
+                and task.kind != "regression"
+                and not (refit and refit.kept)
             ):
                 # The saved weights are that evaluation's, so its logits serve (regression's were in
                 # standardised units, before the target scale was folded into the head: those run again).

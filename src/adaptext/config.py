@@ -495,7 +495,10 @@ def _importable(module: str) -> bool:
 
 def check_regression_options(cfg: TrainConfig) -> None:
     """Class weights and focal loss are about classes: a regression run refuses them."""
-    for flag, used in (("--class-weights", cfg.class_weights), (f"--loss {cfg.loss}", cfg.loss in ("focal", "contrastive"))):
+    for flag, used in (
+        ("--class-weights", cfg.class_weights),
+        (f"--loss {cfg.loss}", cfg.loss in ("focal", "contrastive")),
+    ):
         if used:
             raise AdaptextError(f"{flag} applies to classification; drop it for regression (mean squared error)")
 

@@ -79,12 +79,21 @@ def fit_head(
     seed: int,
 ) -> Probe:
     """Set the output layer to a logistic regression on the frozen features; return what it scored."""
+    layer, rows, weight, bias, cv = _fit_on_features(model, ids, labels, num_labels, pad_id, precision, seed, True)
+    _set(layer, weight, bias)
+    return Probe(rows, cv)
+
+
+def _fit_on_features(
+    model: nn.Module, ids: list[list[int]], labels: list[int], num_labels: int, pad_id: int, precision: str,
+    seed: int, folds: bool,
+) -> tuple[nn.Linear, int, np.ndarray, np.ndarray, float | None]:  # fmt: skip
+    """The output layer, how many rows were read, and a logistic regression fitted on what it reads."""
     layer = output_layer(model, num_labels)
     rows = _rows(len(ids), seed)
     x = features(model, [ids[i] for i in rows], pad_id, layer, precision).astype(np.float64)
-    weight, bias, cv = _logistic(x, np.asarray([labels[i] for i in rows]), num_labels, layer.bias is not None, seed)
-    _set(layer, weight, bias)
-    return Probe(len(rows), cv)
+    y = np.asarray([labels[i] for i in rows])
+    return (layer, len(rows), *_logistic(x, y, num_labels, layer.bias is not None, seed, folds))
 
 
 @dataclass
@@ -110,29 +119,19 @@ class Refit:
 
 
 def refit_head(
-    model: nn.Module,
-    ids: list[list[int]],
-    labels: list[int],
-    num_labels: int,
-    pad_id: int,
-    precision: str,
-    seed: int,
-    validation: tuple[list[list[int]], list[int]] | None = None,
+    model: nn.Module, ids: list[list[int]], labels: list[int], num_labels: int, pad_id: int, precision: str,
+    seed: int, validation: tuple[list[list[int]], list[int]] | None = None,
     pool: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Refit:
+) -> Refit:  # fmt: skip
     """SetFit's second stage after fine-tuning: the output layer refitted as a logistic regression on
     the *trained* encoder's features. The trained head followed the features with a few hundred noisy
     steps; the refit is the best linear reading of where they ended. With a validation split both
     heads are scored on it (``pool`` turns window rows into texts) and the better one is kept (a tie
     keeps the trained head); without one the refit is kept."""
-    layer = output_layer(model, num_labels)
-    rows = _rows(len(ids), seed)
-    x = features(model, [ids[i] for i in rows], pad_id, layer, precision).astype(np.float64)
-    weight, bias, _ = _logistic(x, np.asarray([labels[i] for i in rows]), num_labels, layer.bias is not None, seed,
-                                folds=False)  # fmt: skip
+    layer, rows, weight, bias, _ = _fit_on_features(model, ids, labels, num_labels, pad_id, precision, seed, False)
     if validation is None:
         _set(layer, weight, bias)
-        return Refit(len(rows), kept=True)
+        return Refit(rows, kept=True)
     val_x = features(model, validation[0], pad_id, layer, precision).astype(np.float64)
     trained_w = layer.weight.detach().float().cpu().numpy().astype(np.float64)
     trained_b = layer.bias.detach().float().cpu().numpy().astype(np.float64) if layer.bias is not None else 0.0
@@ -142,7 +141,7 @@ def refit_head(
     after = float((pool(val_x @ weight.T + bias).argmax(1) == truth).mean())
     if after > before:
         _set(layer, weight, bias)
-    return Refit(len(rows), after > before, before, after)
+    return Refit(rows, after > before, before, after)
 
 
 def _rows(count: int, seed: int) -> list[int]:

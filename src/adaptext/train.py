@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from adaptext import checkpoint, distributed
+from adaptext.batching import BUCKET_POOL
 from adaptext.batching import CHARS_PER_TOKEN_CAP as CHARS_PER_TOKEN_CAP
 from adaptext.batching import TOKENIZE_CHUNK as TOKENIZE_CHUNK
-from adaptext.batching import BUCKET_POOL
 from adaptext.batching import bucketed_batches as bucketed_batches
 from adaptext.batching import collate as collate
 from adaptext.batching import inference_batches as inference_batches
