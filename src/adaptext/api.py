@@ -198,13 +198,10 @@ def _train(
     # validation scores the refitted head instead (probe.refit_head).
     selects = "validation" in encoded and loss != "contrastive"
     if cfg.epochs > 0:
-        term = f"; contrastive term weight {contrast:g}" if contrast and loss != "contrastive" else ""
+        term = f"; contrastive term weight {contrast:g}" if contrast else ""
         if loss == "contrastive":
-            term = (
-                "; loss: supervised contrastive only"
-                + (" (--loss auto: small data, no validation split)" if cfg.loss == "auto" else "")
-                + ", the head is refitted after training"
-            )
+            why = " (--loss auto: small data, no validation split)" if cfg.loss == "auto" else ""
+            term = f"; loss: supervised contrastive only{why}, the head is refitted after training"
         echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
 
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
@@ -235,9 +232,7 @@ def _train(
             else None,
             resume=resume_state,
             group=group,
-            val_pool=(lambda logits: windowing.pool_logits(logits, validation))
-            if windowing.sliding and selects
-            else None,
+            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
             on_eval=reporter.with_eval(on_eval),
             on_log=reporter.log_step,
             task=task,
