@@ -17,7 +17,7 @@ from pathlib import Path
 
 started = time.perf_counter()
 
-from adaptext import api, cli  # noqa: E402
+from adaptext import api, artifacts, cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         "padding_fraction": train["padding_fraction"],
         "cached_layers": train["cached_layers"],
         "feature_cache": train["feature_cache"],
-        "peak_rss_mb": api.peak_rss_mb(),
+        "peak_rss_mb": artifacts.peak_rss_mb(),
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
         "n_test": test["n"],

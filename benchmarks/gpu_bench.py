@@ -109,8 +109,8 @@ def train_case(name: str, path: str | None, method: str, compile_: bool, steps: 
 
 
 def infer_case(model, name: str, batch: int, n: int, device: torch.device):
+    from adaptext.batching import predict_logits
     from adaptext.precision import resolve as resolve_precision
-    from adaptext.train import predict_logits
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

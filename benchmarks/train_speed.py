@@ -87,7 +87,7 @@ def run_json(cmd: list[str], label: str, keep: Path | None = None) -> dict:
 def lengths(case: dict, data_dir: Path) -> tuple[list[int], list[int], Shape]:
     """Real token counts of the training and validation examples every pipeline sees, and the model shape."""
     from adaptext import config, data, models
-    from adaptext.train import tokenize
+    from adaptext.batching import tokenize
 
     cfg = config.TrainConfig(data=str(data_dir / case["data"]), train_size=case["train_size"])
     splits = data.load_training_data(cfg).splits

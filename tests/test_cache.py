@@ -10,8 +10,9 @@ import torch
 
 import adaptext
 from adaptext import api, cache, models
+from adaptext.batching import predict_logits, tokenize
 from adaptext.config import TrainConfig
-from adaptext.train import predict_logits, tokenize, train_loop
+from adaptext.train import train_loop
 from conftest import run_cli, topic_rows
 
 NAMES = ["money", "space", "sports"]

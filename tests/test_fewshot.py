@@ -373,7 +373,8 @@ def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the
 
 
 def test_contrastive_training_meets_new_pairs_every_epoch():
-    from adaptext.train import bucketed_batches, sorting_pool
+    from adaptext.batching import bucketed_batches
+    from adaptext.train import sorting_pool
 
     assert sorting_pool(48, 16, contrastive=False) == 50
     assert sorting_pool(48, 16, contrastive=True) == 1  # 3 batches an epoch: random batches

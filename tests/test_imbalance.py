@@ -14,7 +14,7 @@ import adaptext
 from adaptext import api, config, data
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
-from adaptext.train import class_weight_tensor, focal_loss, make_loss
+from adaptext.tasks import class_weight_tensor, focal_loss, make_loss
 from conftest import run_cli, topic_rows
 
 

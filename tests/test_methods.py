@@ -9,9 +9,10 @@ import torch
 
 import adaptext
 from adaptext import api, models
+from adaptext.batching import tokenize
 from adaptext.config import METHODS, TrainConfig
 from adaptext.errors import AdaptextError
-from adaptext.train import tokenize, train_loop
+from adaptext.train import train_loop
 from conftest import assert_logits_close, assert_metrics_reproduced, run_cli, topic_rows
 
 # prefix tuning needs a model that takes past_key_values; none of the transformers 5 classifiers here do.

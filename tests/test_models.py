@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from adaptext import models
+from adaptext.batching import collate, tokenize
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
-from adaptext.train import collate, tokenize
 from tiny_models import ARCHS
 
 # What each architecture's classification wrapper creates fresh on top of a base checkpoint.

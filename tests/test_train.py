@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from adaptext import api
-from adaptext.train import bucketed_batches, class_weight_tensor, collate, lr_factor, resolve_precision, sorted_batches
+from adaptext.batching import bucketed_batches, collate, sorted_batches
+from adaptext.precision import resolve as resolve_precision
+from adaptext.tasks import class_weight_tensor
+from adaptext.train import lr_factor
 from conftest import topic_rows
 
 

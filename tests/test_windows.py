@@ -16,11 +16,11 @@ import torch
 
 import adaptext
 from adaptext import api, config, models
+from adaptext.batching import special_token_split, tokenize
 from adaptext.cli import build_parser
 from adaptext.errors import AdaptextError
 from adaptext.export import export_onnx
 from adaptext.serve.registry import Registry
-from adaptext.train import special_token_split, tokenize
 from adaptext.windows import TextRows, Windowing, pool_windows, split_windows
 from conftest import TOPICS, assert_labels_agree, assert_metrics_reproduced, assert_probs_close, run_cli
 from test_cli import assert_clean_failure

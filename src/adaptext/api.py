@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
-import platform
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,40 +18,19 @@ import yaml
 
 from adaptext import artifacts, checkpoint, config, data, distributed, models, probe, reporting, tasks
 from adaptext import cache as feature_cache
+from adaptext.artifacts import library_versions, peak_rss_mb
+from adaptext.batching import pick_device, seed_everything
 from adaptext.card import model_card
+from adaptext.distributed import sharded_logits
 from adaptext.errors import AdaptextError, names
 from adaptext.metrics import format_report, save_confusion_png
 from adaptext.pooling import of as pooling_of
+from adaptext.precision import resolve as resolve_precision
 from adaptext.predict import load
+from adaptext.stack import adapted_layers, num_layers
 from adaptext.tasks import Task
-from adaptext.train import (
-    pick_device,
-    planned_epochs,
-    planned_steps,
-    resolve_precision,
-    seed_everything,
-    sharded_logits,
-    train_loop,
-)
+from adaptext.train import planned_epochs, planned_steps, train_loop
 from adaptext.windows import Windowing
-
-LIBRARIES = ("adaptext", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "scikit-learn")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 @dataclass
@@ -150,11 +125,11 @@ def _train(
     params = models.count_params(model, head_modules)
     echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters, {pooling} pooling)")
     echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
-    layers = feature_cache.adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
+    layers = adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
     span = ",".join(map(str, layers or []))
     if layers and layers == list(range(layers[0], layers[-1] + 1)):
         span = f"{layers[0]}-{layers[-1]}"
-    where = f" in layers {span} of {feature_cache.num_layers(model)}" if layers else ""
+    where = f" in layers {span} of {num_layers(model)}" if layers else ""
     if cfg.method in ("lora", "dora", "rslora"):
         echo(
             f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}{where}"

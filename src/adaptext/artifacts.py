@@ -13,9 +13,13 @@ crash or a bad input never leaves a half-written output.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
+import platform
+import resource
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -38,6 +42,26 @@ HEAD_FILE = "head_model.safetensors"
 PARTIAL_METHODS = ("head", "bitfit")  # saved as the trained tensors only, on top of the base
 MERGEABLE = ("lora", "dora", "rslora", "adalora", "ia3", "loha", "lokr")  # folded into the weights at load
 UNLOADABLE = ("lora", "dora", "rslora", "adalora")  # ...and unwrapped into a plain transformers model
+
+
+LIBRARIES = ("adaptext", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "scikit-learn")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run records beside its results (adaptext.json, results.json, export.json)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def is_peft(method: str) -> bool:

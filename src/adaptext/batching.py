@@ -7,14 +7,14 @@ through these functions, so a reloaded model sees exactly the tensors it saw at 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from adaptext import distributed
+from adaptext.errors import AdaptextError
 from adaptext.precision import autocast
 
 # A token is at least one character after whitespace is collapsed, so cutting texts at this many
@@ -187,27 +187,24 @@ def predict_logits(
     return logits
 
 
-def sharded_logits(
-    model: nn.Module,
-    encoded: list[list[int]],
-    pad_id: int,
-    batch_size: int,
-    precision: str,
-    device: torch.device,
-    group: distributed.Group,
-    feed: Callable[[list[int], int], None] | None = None,
-) -> np.ndarray:
-    """``predict_logits`` with every batch split over the processes of ``group``, gathered back in order.
-
-    Every process runs the same number of forward passes (FSDP's collectives need that): one whose share
-    of a short batch is empty computes the batch's first row and drops it."""
-    if not group.active:
-        return predict_logits(model, encoded, pad_id, batch_size, precision, device, feed)
-    batches = inference_batches([len(x) for x in encoded], batch_size, device)
-    shares = [batch[group.rank :: group.world] for batch in batches]
-    mine = [i for share in shares for i in share]
-    computed = [share or batch[:1] for share, batch in zip(shares, batches)]
-    local = predict_logits(model, encoded, pad_id, batch_size, precision, device, feed, computed)
-    if group.sharded:
-        distributed.reshard(model)
-    return distributed.gather_rows(group, mine, local[mine], len(encoded))
+def check_texts(texts: Any) -> list[str]:
+    """The texts as a list of valid Unicode strings (one string: a list of one), or one AdaptextError line
+    naming the first bad one."""
+    if isinstance(texts, str):
+        texts = [texts]
+    # A mapping or set iterates in an order the caller did not choose (a dict would classify its keys),
+    # and bytes iterate as numbers: refuse them along with non-iterables.
+    if isinstance(texts, (bytes, bytearray, Mapping, Set)) or not isinstance(texts, Iterable):
+        raise AdaptextError(
+            f"texts must be a string or a list of strings, not {type(texts).__name__}; e.g. predict(['some text'])"
+        )
+    out = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise AdaptextError(f"text #{i} is {type(text).__name__}, not a string; pass strings to predict")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AdaptextError(f"text #{i} holds bytes that are not valid UTF-8; re-encode it as UTF-8") from None
+        out.append(text)
+    return out

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from adaptext.artifacts import is_peft
+from adaptext.windows import Windowing
 
 METHOD_NAMES = {
     "lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA",
@@ -27,8 +28,6 @@ def dataset_name(spec: str | None) -> str:
 
 
 def _long_text(cfg: dict[str, Any]) -> str:
-    from adaptext.windows import Windowing
-
     windowing = Windowing.from_config(cfg)
     if not windowing.sliding:
         return f" ({windowing.long_text})"

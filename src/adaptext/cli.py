@@ -1,4 +1,8 @@
-"""Command line: a table of subcommands mapped to the plain functions in adaptext.api."""
+"""Command line: a table of subcommands mapped to the plain functions in adaptext.api.
+
+Each command imports what it runs inside its function (lazy: `adaptext --help` and argument errors answer
+without loading torch); nothing here is imported lazily to break an import cycle.
+"""
 
 from __future__ import annotations
 

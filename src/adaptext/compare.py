@@ -138,7 +138,8 @@ def check_output(output: Path) -> None:
 
 def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
     """Run (or resume) every arm, then write results.json, report.md/html and the plots."""
-    from adaptext import api, report
+    # lazy: matplotlib loads only when a study writes its report
+    from adaptext import report
 
     for method in study.methods:
         if method not in ARMS:
@@ -150,6 +151,7 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
     check_output(study.output)
     _check_inputs(plan[0][2])
     if "setfit" in study.methods:
+        # lazy: the optional setfit arm, only when asked for
         from adaptext.setfit_arm import require
 
         require()
@@ -204,7 +206,7 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
         "overrides": study.overrides,
         "config": study.base.to_dict(),
         "run_configs": {Path(c.output).name: c.to_dict() for _, _, c in plan},
-        "versions": api.library_versions(),
+        "versions": artifacts.library_versions(),
         "arms": arms,
     }
     write_json(study.output / "results.json", results)
@@ -218,6 +220,7 @@ def run_study(study: Study, echo: Callable[[str], None] = print, progress: bool 
 
 def _check_inputs(cfg: config.TrainConfig) -> None:
     """Load the data and resolve the model once up front: a bad input fails before any run starts."""
+    # lazy: torch and transformers load when a study runs, not when the CLI parses
     from adaptext import data, models
 
     models.quiet_transformers()

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
+from adaptext.batching import inference_batches, predict_logits
 from adaptext.errors import AdaptextError
 
 # accelerate's FSDP1 strategy names and numbers, as its config writes them, and what they mean here.
@@ -281,3 +284,29 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def sharded_logits(
+    model: nn.Module,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    group: Group,
+    feed: Callable[[list[int], int], None] | None = None,
+) -> np.ndarray:
+    """``predict_logits`` with every batch split over the processes of ``group``, gathered back in order.
+
+    Every process runs the same number of forward passes (FSDP's collectives need that): one whose share
+    of a short batch is empty computes the batch's first row and drops it."""
+    if not group.active:
+        return predict_logits(model, encoded, pad_id, batch_size, precision, device, feed)
+    batches = inference_batches([len(x) for x in encoded], batch_size, device)
+    shares = [batch[group.rank :: group.world] for batch in batches]
+    mine = [i for share in shares for i in share]
+    computed = [share or batch[:1] for share, batch in zip(shares, batches)]
+    local = predict_logits(model, encoded, pad_id, batch_size, precision, device, feed, computed)
+    if group.sharded:
+        reshard(model)
+    return gather_rows(group, mine, local[mine], len(encoded))

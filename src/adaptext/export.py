@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from adaptext import artifacts
+from adaptext.artifacts import library_versions
+from adaptext.batching import check_texts, collate, predict_logits, sorted_batches
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_tokenizer
-from adaptext.predict import check_texts
 from adaptext.tasks import Task
-from adaptext.train import collate, predict_logits, sorted_batches
 from adaptext.windows import Windowing
 
 FORMATS = ("onnx",)
@@ -91,7 +91,7 @@ def ort_session(path: Path) -> Any:
 
 
 def ort_logits(session: Any, encoded: list[list[int]], pad_id: int, batch_size: int, num_labels: int) -> np.ndarray:
-    """Logits in input order over length-sorted batches: train.predict_logits, run by ONNX Runtime."""
+    """Logits in input order over length-sorted batches: batching.predict_logits, run by ONNX Runtime."""
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
     for batch in sorted_batches([len(x) for x in encoded], batch_size, slack=1.25, max_tokens=2048):
         inputs = {name: tensor.numpy() for name, tensor in collate([encoded[i] for i in batch], pad_id).items()}
@@ -341,8 +341,6 @@ def _drop_root_log(prefix: str) -> Iterator[None]:
 
 
 def _versions() -> dict[str, str]:
-    from adaptext.api import library_versions
-
     versions = library_versions()
     for name in ("onnx", "onnxruntime"):
         versions[name] = importlib.metadata.version(name)

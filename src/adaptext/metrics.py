@@ -15,6 +15,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # exact, and no overflow warning for large |x|
+
+
 def cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -62,8 +66,6 @@ def multilabel_metrics(
     """Multi-label metrics: ``truth`` is multi-hot (rows x classes); a class is predicted when its sigmoid
     reaches its threshold. Subset accuracy counts rows whose whole label set is right."""
     from sklearn.metrics import precision_recall_fscore_support
-
-    from adaptext.tasks import sigmoid
 
     y_true = truth.astype(bool)
     probs = sigmoid(logits)

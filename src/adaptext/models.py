@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from adaptext import pooling as pooling_mod
-from adaptext.cache import adapted_layers, find_stack
 from adaptext.errors import AdaptextError
 from adaptext.pooling import pools_last_token
+from adaptext.stack import adapted_layers, find_stack
 
 
 @dataclass(frozen=True)

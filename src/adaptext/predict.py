@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from adaptext.artifacts import LoadedModel, load_model
-from adaptext.batching import pick_device, predict_logits
+from adaptext.batching import check_texts, pick_device, predict_logits
 from adaptext.errors import AdaptextError
 from adaptext.precision import resolve as resolve_precision
 from adaptext.tasks import Task
@@ -64,46 +63,6 @@ class Classifier:
         return self.task.results(self.logits([texts] if isinstance(texts, str) else texts), self.class_names, top_k)
 
 
-def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict[str, Any]]:
-    """Per row of probabilities: the best label and score, the top k, and every class's probability."""
-    k = max(1, min(top_k, len(class_names)))
-    results = []
-    for row in probs:
-        order = np.argsort(-row)[:k]
-        results.append(
-            {
-                "label": class_names[order[0]],
-                "score": float(row[order[0]]),
-                "top_k": [{"label": class_names[i], "score": float(row[i])} for i in order],
-                "probabilities": {name: float(p) for name, p in zip(class_names, row)},
-            }
-        )
-    return results
-
-
-def check_texts(texts: Any) -> list[str]:
-    """The texts as a list of valid Unicode strings (one string: a list of one), or one AdaptextError line
-    naming the first bad one."""
-    if isinstance(texts, str):
-        texts = [texts]
-    # A mapping or set iterates in an order the caller did not choose (a dict would classify its keys),
-    # and bytes iterate as numbers: refuse them along with non-iterables.
-    if isinstance(texts, (bytes, bytearray, Mapping, Set)) or not isinstance(texts, Iterable):
-        raise AdaptextError(
-            f"texts must be a string or a list of strings, not {type(texts).__name__}; e.g. predict(['some text'])"
-        )
-    out = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise AdaptextError(f"text #{i} is {type(text).__name__}, not a string; pass strings to predict")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise AdaptextError(f"text #{i} holds bytes that are not valid UTF-8; re-encode it as UTF-8") from None
-        out.append(text)
-    return out
-
-
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
@@ -124,6 +83,7 @@ def load(
     if backend not in BACKENDS:
         raise AdaptextError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "torch":
+        # lazy: the ONNX backend (onnxruntime) only when asked for
         from adaptext.export import load_onnx
 
         if base is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from adaptext import artifacts, config, data, models
+from adaptext.artifacts import library_versions, peak_rss_mb
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task
 
@@ -45,8 +46,6 @@ def run(cfg: config.TrainConfig, echo: Any = print) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
-
-    from adaptext.api import library_versions, peak_rss_mb
 
     models.quiet_transformers()
     dataset = data.load_training_data(cfg)

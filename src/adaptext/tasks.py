@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptext import metrics
 from adaptext.errors import AdaptextError
+from adaptext.metrics import sigmoid, softmax
 
 TASKS = ("auto", "single-label", "multi-label", "regression")
 PROBLEM_TYPES = {
@@ -47,10 +49,6 @@ DEFAULT_THRESHOLD = 0.5
 
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # exact, and no overflow warning for large |x|
 
 
 @dataclass(frozen=True)
@@ -113,8 +111,6 @@ class Task:
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Class probabilities (softmax: they sum to 1; sigmoid: one per class) or the predicted values."""
-        from adaptext.metrics import softmax
-
         if self.kind == "multi-label":
             return sigmoid(logits)
         if self.kind == "regression":
@@ -124,8 +120,6 @@ class Task:
     def metrics(
         self, labels: Sequence[Any], logits: np.ndarray, class_names: list[str], brief: bool = False
     ) -> dict[str, Any]:
-        from adaptext import metrics
-
         if self.kind == "multi-label":
             thresholds = np.asarray(self.thresholds or [DEFAULT_THRESHOLD] * len(class_names))
             return metrics.multilabel_metrics(
@@ -143,8 +137,6 @@ class Task:
         """Per row of :meth:`scores`: single-label ``label``, ``score``, ``top_k``, ``probabilities``;
         multi-label ``labels`` (each class at or above its threshold), ``top_k``, ``probabilities``;
         regression ``value`` and ``label`` (the target's name)."""
-        from adaptext.predict import rank
-
         if self.kind == "regression":
             return [{"value": float(row[0]), "label": class_names[0]} for row in scores]
         if self.kind == "single-label":
@@ -320,3 +312,20 @@ def fold_target_scale(model: nn.Module, mean: float, std: float) -> None:
             layer.bias.mul_(std).add_(mean)
         elif mean:
             raise AdaptextError("regression: the head's output layer has no bias to carry the target mean")
+
+
+def rank(probs: np.ndarray, class_names: list[str], top_k: int = 1) -> list[dict[str, Any]]:
+    """Per row of probabilities: the best label and score, the top k, and every class's probability."""
+    k = max(1, min(top_k, len(class_names)))
+    results = []
+    for row in probs:
+        order = np.argsort(-row)[:k]
+        results.append(
+            {
+                "label": class_names[order[0]],
+                "score": float(row[order[0]]),
+                "top_k": [{"label": class_names[i], "score": float(row[i])} for i in order],
+                "probabilities": {name: float(p) for name, p in zip(class_names, row)},
+            }
+        )
+    return results

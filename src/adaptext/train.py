@@ -2,7 +2,7 @@
 
 Short and explicit on purpose (nanoGPT style): this is where the speed work happens, and where
 resume and distributed training hook in. Tokenising, batching and inference live in
-adaptext.batching (re-exported here for existing callers).
+adaptext.batching, which inference uses without importing this module.
 """
 
 from __future__ import annotations
@@ -22,30 +22,15 @@ import torch
 from torch import nn
 
 from adaptext import checkpoint, distributed
-from adaptext.batching import BUCKET_POOL
-from adaptext.batching import CHARS_PER_TOKEN_CAP as CHARS_PER_TOKEN_CAP
-from adaptext.batching import TOKENIZE_CHUNK as TOKENIZE_CHUNK
-from adaptext.batching import bucketed_batches as bucketed_batches
-from adaptext.batching import collate as collate
-from adaptext.batching import inference_batches as inference_batches
-from adaptext.batching import pick_device as pick_device
-from adaptext.batching import predict_logits as predict_logits
-from adaptext.batching import seed_everything as seed_everything
-from adaptext.batching import sharded_logits as sharded_logits
-from adaptext.batching import sorted_batches as sorted_batches
-from adaptext.batching import special_token_split as special_token_split
-from adaptext.batching import tokenize as tokenize
+from adaptext.batching import BUCKET_POOL, bucketed_batches, collate, seed_everything
 from adaptext.cache import FeatureCache
 from adaptext.contrastive import FeatureTap, supcon_loss
+from adaptext.distributed import sharded_logits
 from adaptext.dropout import cpu_dropout
 from adaptext.errors import AdaptextError
-from adaptext.precision import autocast as autocast
-from adaptext.precision import cpu_has_fast_bf16 as cpu_has_fast_bf16
+from adaptext.precision import autocast
 from adaptext.precision import resolve as resolve_precision
-from adaptext.tasks import Task, lower_is_better, output_layer
-from adaptext.tasks import class_weight_tensor as class_weight_tensor
-from adaptext.tasks import focal_loss as focal_loss
-from adaptext.tasks import make_loss as make_loss
+from adaptext.tasks import Task, lower_is_better, make_loss, output_layer
 
 # ---------------------------------------------------------------- optimisation
 
@@ -114,6 +99,70 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from_step: int | None = None
     best_val_logits: np.ndarray | None = None  # the best evaluation's (pooled) logits, so nobody recomputes them
+
+
+@dataclass
+class LoopState:
+    """What the loop counts as it goes; a checkpoint is this plus the tensors and RNG states, written by
+    ``to_checkpoint`` and read back by ``restore`` (side by side, so what is saved is what is restored)."""
+
+    step: int = 0  # optimiser steps taken
+    batch_no: int = 0  # batches consumed, over all epochs
+    skip: int = 0  # batches of the current epoch done before the checkpoint a resumed run started from
+    seen: int = 0  # examples consumed
+    tokens: int = 0  # real tokens consumed (all processes' rows)
+    positions: int = 0  # this process's padded positions and real tokens: the padding share
+    real: int = 0
+    window_loss: float = 0.0  # the loss summed since the last log line, and over how many batches
+    window_n: int = 0
+    trained_before: float = 0.0  # training seconds of the interrupted run, when resuming
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    best_state: dict[str, torch.Tensor] | None = None  # the trainable tensors at the best evaluation
+
+    def to_checkpoint(
+        self, *, batch_in_epoch: int, epoch_rng: torch.Tensor, train_seconds: float, result: TrainResult,
+        model: nn.Module, optimizer: torch.optim.Optimizer, group: distributed.Group, log_path: Path | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The checkpoint's contents (under FSDP every process calls this: gathering is collective)."""
+        return {
+            "step": self.step, "batch_no": self.batch_no, "batch_in_epoch": batch_in_epoch, "epoch_rng": epoch_rng,
+            "rng": checkpoint.rng_state(), "sharded": group.sharded,
+            "optimizer": distributed.optimizer_state(model, optimizer, group),
+            "trainable": distributed.full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}),
+            "counters": {"seen": self.seen, "tokens": self.tokens, "positions": self.positions, "real": self.real,
+                         "window_loss": self.window_loss, "window_n": self.window_n, "train_seconds": train_seconds},
+            "history": result.history, "best": result.best,
+            "best_state": distributed.full_tensors(self.best_state) if self.best_state is not None else None,
+            "bad_evals": self.bad_evals,
+            "log": log_path.read_text(encoding="utf-8") if log_path is not None else "",
+        }  # fmt: skip
+
+    @classmethod
+    def restore(
+        cls, saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, group: distributed.Group,
+        rng: random.Random, result: TrainResult, log_path: Path | None,
+    ) -> LoopState:  # fmt: skip
+        """Put ``model``, ``optimizer``, the shuffle ``rng``, ``result`` and the log back where
+        ``to_checkpoint`` found them; return the counters."""
+        if saved.get("sharded", False) != group.sharded:
+            raise AdaptextError(
+                f"the checkpoint was written by a run {'with' if saved.get('sharded') else 'without'} FSDP sharding; "
+                "resume it the same way (same --shard and number of processes), or start over with --overwrite"
+            )
+        distributed.load_params(model, saved["trainable"])
+        distributed.load_optimizer_state(model, optimizer, saved["optimizer"], group)
+        rng.setstate(checkpoint.python_rng_from_tensor(saved["epoch_rng"]))  # replay this epoch's shuffle
+        result.history, result.best = saved["history"], saved["best"]
+        result.resumed_from_step = saved["step"]
+        if log_path is not None:
+            log_path.write_text(saved["log"], encoding="utf-8")
+        counters = saved["counters"]
+        return cls(
+            step=saved["step"], batch_no=saved["batch_no"], skip=saved["batch_in_epoch"], seen=counters["seen"],
+            tokens=counters["tokens"], positions=counters["positions"], real=counters.get("real", counters["tokens"]),
+            window_loss=counters["window_loss"], window_n=counters["window_n"],
+            trained_before=counters["train_seconds"], bad_evals=saved["bad_evals"], best_state=saved["best_state"],
+        )  # fmt: skip
 
 
 def sorting_pool(rows: int, batch_size: int, contrastive: bool) -> int:
@@ -211,37 +260,15 @@ def train_loop(
     rank_allocator = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
 
     result = TrainResult()
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_evals = 0
-    step = batch_no = skip = 0
-    seen = tokens = positions = real = 0  # real/positions: this process's tokens, for the padding share
-    window_loss, window_n = 0.0, 0
-    trained_before = 0.0  # training seconds of the interrupted run, when resuming
-    if resume is not None:
-        if resume.get("sharded", False) != group.sharded:
-            raise AdaptextError(
-                f"the checkpoint was written by a run {'with' if resume.get('sharded') else 'without'} FSDP sharding; "
-                "resume it the same way (same --shard and number of processes), or start over with --overwrite"
-            )
-        distributed.load_params(model, resume["trainable"])
-        distributed.load_optimizer_state(model, optimizer, resume["optimizer"], group)
-        step, batch_no, skip = resume["step"], resume["batch_no"], resume["batch_in_epoch"]
-        counters = resume["counters"]
-        seen, tokens, positions = counters["seen"], counters["tokens"], counters["positions"]
-        real = counters.get("real", tokens)
-        window_loss, window_n, trained_before = counters["window_loss"], counters["window_n"], counters["train_seconds"]
-        result.history, result.best, bad_evals = resume["history"], resume["best"], resume["bad_evals"]
-        best_state = resume["best_state"]
-        rng.setstate(checkpoint.python_rng_from_tensor(resume["epoch_rng"]))  # replay this epoch's shuffle
-        result.resumed_from_step = step
-        if log_path is not None:
-            log_path.write_text(resume["log"], encoding="utf-8")
+    state = (
+        LoopState.restore(resume, model, optimizer, group, rng, result, log_path) if resume is not None else LoopState()
+    )
     log = log_path.open("a", encoding="utf-8") if log_path else None
     from tqdm.auto import tqdm
 
     # disable=None: a bar on terminals only, not a flood of carriage returns in CI logs and pipes.
     bar = tqdm(
-        total=total_batches, initial=batch_no, desc="train", unit="batch", disable=True if not progress else None,
+        total=total_batches, initial=state.batch_no, desc="train", unit="batch", disable=True if not progress else None,
         leave=False,
     )  # fmt: skip
     model.train()
@@ -258,7 +285,7 @@ def train_loop(
         checkpoint.set_rng_state(resume["rng"])  # dropout continues as it would have
 
     def train_time() -> float:
-        return trained_before + time.perf_counter() - started
+        return state.trained_before + time.perf_counter() - started
 
     # Cheap dropout masks on a CPU (adaptext.dropout); compiled graphs make their own.
     cheap_masks = cpu_dropout(model, enabled=device.type == "cpu" and step_model is model)
@@ -269,12 +296,12 @@ def train_loop(
     tapped = tap.attached(output_layer(model, len(class_names))) if contrast else contextlib.nullcontext()
     try:
         with attached, cheap_masks, tapped:
-            while batch_no < total_batches:
+            while state.batch_no < total_batches:
                 epoch_rng = checkpoint.python_rng_to_tensor(rng)  # before this epoch's shuffle: resume replays it
                 for k, batch in enumerate(bucketed_batches(lengths, cfg.batch_size, rng, pool)):
-                    if k < skip:  # done before the checkpoint this run resumed from
+                    if k < state.skip:  # done before the checkpoint this run resumed from
                         continue
-                    if batch_no >= total_batches:
+                    if state.batch_no >= total_batches:
                         break
                     rows = group.share(batch)
                     # A process can get no rows of a short last batch. It still joins the gradient sum; under
@@ -305,41 +332,43 @@ def train_loop(
                         scale = weight * (group.world if group.sharded else 1) / cfg.grad_accum
                         (loss * scale).backward()
                         if weight:
-                            positions += padded["input_ids"].numel()
-                            real += sum(lengths[i] for i in rows)
-                            window_loss += loss.item()
-                            window_n += 1
-                    batch_no += 1
-                    seen += len(batch)
-                    tokens += sum(lengths[i] for i in batch)
-                    stepped = batch_no % cfg.grad_accum == 0 or batch_no == total_batches
+                            state.positions += padded["input_ids"].numel()
+                            state.real += sum(lengths[i] for i in rows)
+                            state.window_loss += loss.item()
+                            state.window_n += 1
+                    state.batch_no += 1
+                    state.seen += len(batch)
+                    state.tokens += sum(lengths[i] for i in batch)
+                    stepped = state.batch_no % cfg.grad_accum == 0 or state.batch_no == total_batches
                     if stepped:
                         distributed.sum_gradients(group, trainable)
                         if cfg.max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                        factor = lr_factor(step, total_steps, warmup, cfg.scheduler)
+                        factor = lr_factor(state.step, total_steps, warmup, cfg.scheduler)
                         for param_group in optimizer.param_groups:
                             param_group["lr"] = cfg.resolved_lr() * factor
                         optimizer.step()
                         if rank_allocator is not None:  # AdaLoRA prunes ranks from the gradients' sensitivity
-                            rank_allocator(step)
+                            rank_allocator(state.step)
                         optimizer.zero_grad(set_to_none=True)
-                        step += 1
+                        state.step += 1
                         elapsed = train_time()
-                        if step % cfg.log_every == 0:
+                        if state.step % cfg.log_every == 0:
                             step_record = {
-                                "step": step, "epoch": round(batch_no / batches_per_epoch, 4),
-                                "loss": round(window_loss / max(window_n, 1), 5), "lr": cfg.resolved_lr() * factor,
-                                "samples_per_s": round(seen / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
+                                "step": state.step, "epoch": round(state.batch_no / batches_per_epoch, 4),
+                                "loss": round(state.window_loss / max(state.window_n, 1), 5), "lr": cfg.resolved_lr() * factor,
+                                "samples_per_s": round(state.seen / elapsed, 2), "tokens_per_s": round(state.tokens / elapsed, 1),
                             }  # fmt: skip
                             _write(log, step_record)
                             if on_log is not None:
                                 on_log(step_record)
-                        bar.set_postfix(loss=f"{window_loss / max(window_n, 1):.4f}", sps=f"{seen / elapsed:.1f}")
-                        if step % cfg.log_every == 0:
-                            window_loss, window_n = 0.0, 0
+                        bar.set_postfix(
+                            loss=f"{state.window_loss / max(state.window_n, 1):.4f}", sps=f"{state.seen / elapsed:.1f}"
+                        )
+                        if state.step % cfg.log_every == 0:
+                            state.window_loss, state.window_n = 0.0, 0
                     bar.update(1)
-                    if batch_no in eval_points:
+                    if state.batch_no in eval_points:
                         eval_started = time.perf_counter()
                         val_logits = sharded_logits(
                             model, val_ids, pad_id, max(cfg.batch_size, 32), precision, device, group, feed_val
@@ -354,7 +383,7 @@ def train_loop(
                         metrics = scored.metrics(
                             val_labels, task.in_training_units(val_logits), class_names, brief=True
                         )
-                        record = {"epoch": round(batch_no / batches_per_epoch, 4), "step": step, **metrics}
+                        record = {"epoch": round(state.batch_no / batches_per_epoch, 4), "step": state.step, **metrics}
                         result.history.append(record)
                         _write(log, {"eval": record})
                         if group.primary:
@@ -366,42 +395,33 @@ def train_loop(
                             on_eval(record)
                         if _better(metric, metrics[metric], result.best and result.best[metric]):
                             result.best, result.best_val_logits = record, val_logits
-                            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                            bad_evals = 0
+                            state.best_state = {
+                                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+                            }
+                            state.bad_evals = 0
                         else:
-                            bad_evals += 1
-                            if cfg.early_stopping and bad_evals >= cfg.early_stopping:
+                            state.bad_evals += 1
+                            if cfg.early_stopping and state.bad_evals >= cfg.early_stopping:
                                 result.stopped_early = True
                                 break
                     due = (
                         checkpointer is not None
                         and stepped
-                        and batch_no < total_batches
-                        and checkpointer.due(step, batch_no % batches_per_epoch == 0)
+                        and state.batch_no < total_batches
+                        and checkpointer.due(state.step, state.batch_no % batches_per_epoch == 0)
                     )
-                    if group.sharded and stepped and batch_no < total_batches:
+                    if group.sharded and stepped and state.batch_no < total_batches:
                         due = distributed.agree(group, due)  # gathering the state is collective under FSDP
                     if due:
                         if log is not None:
                             log.flush()
-                        state = {
-                            "step": step, "batch_no": batch_no, "batch_in_epoch": k + 1, "epoch_rng": epoch_rng,
-                            "rng": checkpoint.rng_state(), "sharded": group.sharded,
-                            "optimizer": distributed.optimizer_state(model, optimizer, group),
-                            "trainable": distributed.full_tensors(
-                                {n: p for n, p in model.named_parameters() if p.requires_grad}
-                            ),
-                            "counters": {"seen": seen, "tokens": tokens, "positions": positions, "real": real,
-                                         "window_loss": window_loss, "window_n": window_n,
-                                         "train_seconds": train_time()},
-                            "history": result.history, "best": result.best,
-                            "best_state": distributed.full_tensors(best_state) if best_state is not None else None,
-                            "bad_evals": bad_evals,
-                            "log": log_path.read_text(encoding="utf-8") if log_path is not None else "",
-                        }  # fmt: skip
+                        saved = state.to_checkpoint(
+                            batch_in_epoch=k + 1, epoch_rng=epoch_rng, train_seconds=train_time(), result=result,
+                            model=model, optimizer=optimizer, group=group, log_path=log_path,
+                        )  # fmt: skip
                         if checkpointer is not None:  # rank 0
-                            checkpointer.save(state)
-                skip = 0
+                            checkpointer.save(saved)
+                state.skip = 0
                 if result.stopped_early:
                     break
     finally:
@@ -411,12 +431,12 @@ def train_loop(
         if features is not None:
             features.close()
     result.train_seconds = train_time()
-    result.wall_seconds = trained_before + time.perf_counter() - wall_started
-    result.samples_per_second = seen / result.train_seconds if seen else 0.0
-    result.tokens_per_second = tokens / result.train_seconds if seen else 0.0
-    result.padding_fraction = 1 - real / positions if positions else 0.0
-    result.steps = step
-    if best_state is not None:
-        distributed.load_params(model, best_state)
+    result.wall_seconds = state.trained_before + time.perf_counter() - wall_started
+    result.samples_per_second = state.seen / result.train_seconds if state.seen else 0.0
+    result.tokens_per_second = state.tokens / result.train_seconds if state.seen else 0.0
+    result.padding_fraction = 1 - state.real / state.positions if state.positions else 0.0
+    result.steps = state.step
+    if state.best_state is not None:
+        distributed.load_params(model, state.best_state)
     model.eval()
     return result

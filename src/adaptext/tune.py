@@ -206,6 +206,7 @@ def _check_inputs(base: config.TrainConfig) -> tuple[int, str]:
     depth and the data's task."""
     from transformers import AutoConfig
 
+    # lazy: torch and transformers load when a study runs, not when the CLI parses
     from adaptext import data, models
 
     models.quiet_transformers()
@@ -281,6 +282,7 @@ def _search(optuna: Any, study: Any, plan: Plan, space: dict[str, Dimension], ec
 def _run_trial(
     optuna: Any, study: Any, plan: Plan, space: dict[str, Dimension], echo: Callable, progress: bool
 ) -> None:
+    # lazy: the training stack loads when a trial runs, not when the CLI parses
     from adaptext import api
 
     trial = study.ask()

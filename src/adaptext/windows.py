@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from adaptext.batching import TOKENIZE_CHUNK, special_token_split, tokenize
 from adaptext.config import resolve_stride
 from adaptext.errors import AdaptextError
-from adaptext.train import TOKENIZE_CHUNK, special_token_split, tokenize
 
 
 @dataclass(frozen=True)

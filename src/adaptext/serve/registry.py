@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptext.artifacts import HEAD_FILE, SavedSettings, _base_source, _check_same_base, read_labels, read_meta
+from adaptext.artifacts import (
+    HEAD_FILE,
+    SavedSettings,
+    _base_source,
+    _check_same_base,
+    load_model,
+    read_labels,
+    read_meta,
+)
 from adaptext.batching import collate, inference_batches, pick_device, predict_logits
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer
@@ -268,8 +276,6 @@ class Standalone:
     """An adapter whose method peft cannot mix in a batch: its own merged model."""
 
     def __init__(self, folder: Path, device: torch.device, precision: str):
-        from adaptext.artifacts import load_model
-
         self.loaded = load_model(folder, device, merge=True)
         self.device = device
         self.precision = precision
