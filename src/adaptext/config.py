@@ -47,7 +47,7 @@ REPORT_TO = ("tensorboard", "mlflow")  # each is also the package it needs (adap
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
 TOP_LAYER_METHODS = ("lora", "dora", "rslora", "adalora", "vera", "loha", "lokr", "full")
 # Methods that would adapt only the top third of the layers unless told otherwise. Empty: measured,
-# the top third loses 0.3 points on AG News at 1,250 examples but 5 points at 500 (docs/RESULTS.md).
+# the top layers cost accuracy at a few hundred examples (docs/RESULTS.md, "Top layers").
 AUTO_TOP_METHODS: tuple[str, ...] = ()
 
 # LoRA trains a tiny low-rank update and a fresh head, so it wants a much higher learning rate than
@@ -172,8 +172,8 @@ class TrainConfig:
     top_layers: int | None = _f(
         None,
         "Adapt only the top K transformer layers (LoRA-family and full); the frozen layers below run "
-        "once and are cached (see --feature-cache). Default: every layer. Measured on AG News with "
-        "MiniLM (6 layers): top 2 costs 0.3 points at 1,250 examples but 5 points at 500.",
+        "once and are cached (see --feature-cache): faster, at some accuracy on small data (docs/RESULTS.md, "
+        "'Top layers'). Default: every layer.",
     )
     feature_cache: str = _f(
         "auto",
