@@ -18,7 +18,7 @@ import adaptext
 from adaptext import api, artifacts, compare, config, contrastive, data, models, pooling, probe
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
-from adaptext.train import planned_epochs, planned_steps
+from adaptext.train_state import planned_epochs, planned_steps
 from conftest import SHARED_DATA, needs_shared_data, run_cli, topic_rows
 
 # ---------------------------------------------------------------- --train-size N/class

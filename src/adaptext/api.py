@@ -29,7 +29,8 @@ from adaptext.precision import resolve as resolve_precision
 from adaptext.predict import load
 from adaptext.stack import adapted_layers, num_layers
 from adaptext.tasks import Task
-from adaptext.train import planned_epochs, planned_steps, train_loop
+from adaptext.train import train_loop
+from adaptext.train_state import TrainResult, planned_epochs, planned_steps
 from adaptext.windows import Windowing
 
 
@@ -94,52 +95,16 @@ def _train(
     models.quiet_transformers()
 
     source = models.resolve_model(cfg.model)
-    dataset = data.load_training_data(cfg)
-    sizes = ", ".join(f"{k} {len(v):,}" for k, v in dataset.splits.items())
-    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {names(dataset.class_names, 12)}")
-    for note in dataset.notes:
-        echo(f"data: {note}")
-    task = Task(dataset.task)
-    if task.kind == "regression":
-        config.check_regression_options(cfg)
-    task.resolve_metric(cfg.metric)  # a metric the task has no figure for fails here, before any work
-    if task.kind == "single-label":
-        _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
+    dataset, task = _load_data(cfg, echo)
 
     tokenizer = models.load_tokenizer(source)
     # Tokenised first: with sliding windows the number of training rows (and so of steps) depends on it.
-    windowing = Windowing.from_config(cfg.to_dict())
+    windowing = Windowing.from_config(cfg)
     encoded = {name: windowing.encode(tokenizer, split.texts) for name, split in dataset.splits.items()}
     train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
     id2label = dict(enumerate(dataset.class_names))
-    model, head_modules = models.load_classifier(
-        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type, cfg.pooling
-    )
-    pooling = pooling_of(model)
-    fingerprint = artifacts.base_fingerprint(model)
-    model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
-    if task.kind == "regression":
-        task = _target_scale(model, train_labels, echo)
-    if task.kind == "multi-label":
-        tasks.init_label_priors(model, train_labels, dataset.num_labels)
-    params = models.count_params(model, head_modules)
-    echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters, {pooling} pooling)")
-    echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
-    layers = adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
-    span = ",".join(map(str, layers or []))
-    if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        span = f"{layers[0]}-{layers[-1]}"
-    where = f" in layers {span} of {num_layers(model)}" if layers else ""
-    if cfg.method in ("lora", "dora", "rslora"):
-        echo(
-            f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}{where}"
-        )
-    elif targets or layers:
-        echo(f"{cfg.method}: on {', '.join(targets) or 'every weight'}{where}")
-    echo(
-        f"trainable: {params.adapter:,} adapter + {params.head:,} head = {params.trainable:,} "
-        f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
-    )
+    built = _build_model(cfg, source, dataset, task, tokenizer.pad_token_id, train_labels, echo)
+    model, head_modules, pooling, task = built.model, built.head_modules, built.pooling, built.task
 
     device = group.device() if group.active else pick_device()
     model.to(device)
@@ -182,7 +147,7 @@ def _train(
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
     if group.sharded and features is not None:
         features, cache_note = None, "off (with FSDP the frozen layers are sharded: they run every step)"
-    if features is not None or layers or cfg.method == "head":
+    if features is not None or built.layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
     validation = encoded.get("validation")  # None: too little data to carve one (data.load_training_data)
     selecting = validation if selects else None
@@ -218,47 +183,9 @@ def _train(
         refit = _refit_head(model, cfg, task, head_start["kind"], loss, group, encoded, dataset, train_labels, precision,
                             tokenizer.pad_token_id, windowing, echo)  # fmt: skip
         metrics: dict[str, Any] = {"history": result.history, "best": result.best}
-        eval_batch = max(cfg.batch_size, 64)
-        for split in ("validation", "test"):
-            if split not in encoded:
-                continue
-            if (
-                split == "validation"
-                and result.best_val_logits is not None
-                and task.kind != "regression"
-                and not (refit and refit.kept)
-            ):
-                # The saved weights are that evaluation's, so its logits serve (regression's were in
-                # standardised units, before the target scale was folded into the head: those run again).
-                logits = result.best_val_logits
-            else:
-                rows = encoded[split]
-                logits = sharded_logits(model, rows.ids, tokenizer.pad_token_id, eval_batch, precision, device, group)
-                logits = windowing.pool_logits(logits, rows)
-            if split == "validation":  # multi-label: per-class thresholds, tuned here, used on test
-                task = task.with_tuned_thresholds(
-                    dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold
-                )
-            metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
-            metrics[split]["precision"] = precision  # what computed these logits (adaptext.precision)
-        metrics["train"] = {
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            "seconds": round(result.train_seconds, 2),
-            "wall_seconds": round(result.wall_seconds, 2),
-            "samples_per_second": round(result.samples_per_second, 2),
-            "tokens_per_second": round(result.tokens_per_second, 1),
-            "padding_fraction": round(result.padding_fraction, 4),
-            "steps": result.steps,
-            "rows": len(train_labels),  # training examples: texts, or their windows with --long-text sliding
-            "stopped_early": result.stopped_early,
-            "resumed_from_step": result.resumed_from_step,
-            "precision": precision,
-            "device": device.type,
-            "processes": group.world,
-            "feature_cache": cache_note,
-            "cached_layers": features.depth if features is not None else 0,
-        }
+        task = _score_splits(metrics, model, encoded, dataset, task, result, refit, cfg, precision, device, group,
+                             tokenizer.pad_token_id, windowing)  # fmt: skip
+        metrics["train"] = _train_record(result, len(train_labels), precision, device, group, features, cache_note)
         meta = {
             "format_version": artifacts.FORMAT_VERSION,
             "method": cfg.method,
@@ -266,7 +193,7 @@ def _train(
             # the training-time metrics (adaptext.precision says how closely in bf16).
             "precision": precision,
             "base_model": source.to_dict(),
-            "base_fingerprint": fingerprint,
+            "base_fingerprint": built.fingerprint,
             "pooling": pooling,  # installed again on every load (adaptext.pooling)
             "head_init": head_start,
             "contrastive": contrast,
@@ -278,9 +205,9 @@ def _train(
                 "validation": selects,
             },  # fmt: skip
             "head_modules": head_modules,
-            "target_modules": targets,
-            "adapted_layers": layers,
-            "params": params.to_dict(),
+            "target_modules": built.targets,
+            "adapted_layers": built.layers,
+            "params": built.params.to_dict(),
             "lr": cfg.resolved_lr(),
             "class_names": dataset.class_names,
             "task": task.to_meta(),
@@ -294,26 +221,9 @@ def _train(
             if group.primary:
                 model = _unsharded(whole, source, dataset, id2label, tokenizer, task, cfg, head_modules)
         if group.primary:  # the other processes of a distributed run write nothing
-            artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
-            artifacts.write_json(
-                staging / artifacts.LABELS_FILE,
-                artifacts.label_map(dataset.class_names, tokenizer.pad_token_id, task.problem_type),
+            _save_run(
+                staging, output, model, tokenizer, cfg, head_modules, task, dataset.class_names, meta, metrics, echo
             )
-            artifacts.write_json(staging / artifacts.META_FILE, meta)
-            artifacts.write_json(staging / "metrics.json", metrics)
-            (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-            # The model is written: what follows is extra, and a failure there costs only itself.
-            with _extra("the model card", echo):
-                (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
-            final = metrics.get("test") or metrics.get("validation") or {}
-            if "confusion_matrix" in final:
-                with _extra("the confusion matrix plot", echo):
-                    save_confusion_png(
-                        final["confusion_matrix"],
-                        dataset.class_names,
-                        staging / "confusion_matrix.png",
-                        f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
-                    )
             with _extra("the training logs (--report-to)", echo):
                 reporter.finish(metrics, result.steps, staging)
     for split in ("validation", "test"):
@@ -324,6 +234,158 @@ def _train(
         _warn_if_nothing_learned(metrics[held_out], dataset.splits[held_out].labels, cfg, echo, task, held_out)
     echo(f"saved: {output}")
     return TrainOutcome(output, metrics, meta)
+
+
+def _save_run(
+    staging: Path, output: Path, model: torch.nn.Module, tokenizer: Any, cfg: config.TrainConfig,
+    head_modules: list[str], task: Task, class_names: list[str], meta: dict[str, Any], metrics: dict[str, Any],
+    echo: Callable[[str], None] = print,
+) -> None:  # fmt: skip
+    """The model and everything beside it into the staging folder (renamed to ``output`` once complete)."""
+    artifacts.save_model(model, tokenizer, staging, cfg.method, head_modules)
+    artifacts.write_json(
+        staging / artifacts.LABELS_FILE,
+        artifacts.label_map(class_names, tokenizer.pad_token_id, task.problem_type),
+    )
+    artifacts.write_json(staging / artifacts.META_FILE, meta)
+    artifacts.write_json(staging / "metrics.json", metrics)
+    (staging / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    # The model is written: what follows is extra, and a failure there costs only itself.
+    with _extra("the model card", echo):
+        (staging / "README.md").write_text(model_card(meta, metrics, output.name), encoding="utf-8")
+    final = metrics.get("test") or metrics.get("validation") or {}
+    if "confusion_matrix" in final:
+        with _extra("the confusion matrix plot", echo):
+            save_confusion_png(
+                final["confusion_matrix"],
+                class_names,
+                staging / "confusion_matrix.png",
+                f"{output.name}: {'test' if 'test' in metrics else 'validation'}",
+            )
+
+
+def _score_splits(
+    metrics: dict[str, Any], model: torch.nn.Module, encoded: dict[str, Any], dataset: data.TextDataset, task: Task,
+    result: TrainResult, refit: probe.Refit | None, cfg: config.TrainConfig, precision: str, device: torch.device,
+    group: distributed.Group, pad_id: int, windowing: Windowing,
+) -> Task:  # fmt: skip
+    """The saved model's validation and test metrics into ``metrics``; the task, with multi-label thresholds
+    tuned on validation."""
+    eval_batch = max(cfg.batch_size, 64)
+    for split in ("validation", "test"):
+        if split not in encoded:
+            continue
+        if (
+            split == "validation"
+            and result.best_val_logits is not None
+            and task.kind != "regression"
+            and not (refit and refit.kept)
+        ):
+            # The saved weights are that evaluation's, so its logits serve (regression's were in
+            # standardised units, before the target scale was folded into the head: those run again).
+            logits = result.best_val_logits
+        else:
+            rows = encoded[split]
+            logits = sharded_logits(model, rows.ids, pad_id, eval_batch, precision, device, group)
+            logits = windowing.pool_logits(logits, rows)
+        if split == "validation":  # multi-label: per-class thresholds, tuned here, used on test
+            task = task.with_tuned_thresholds(dataset.splits[split].labels, logits, dataset.num_labels, cfg.threshold)
+        metrics[split] = task.metrics(dataset.splits[split].labels, logits, dataset.class_names)
+        metrics[split]["precision"] = precision  # what computed these logits (adaptext.precision)
+    return task
+
+
+def _train_record(
+    result: TrainResult, rows: int, precision: str, device: torch.device, group: distributed.Group,
+    features: feature_cache.FeatureCache | None, cache_note: str,
+) -> dict[str, Any]:  # fmt: skip
+    """metrics.json's ``train``: cost and throughput of the run."""
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "seconds": round(result.train_seconds, 2),
+        "wall_seconds": round(result.wall_seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 2),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "padding_fraction": round(result.padding_fraction, 4),
+        "steps": result.steps,
+        "rows": rows,  # training examples: texts, or their windows with --long-text sliding
+        "stopped_early": result.stopped_early,
+        "resumed_from_step": result.resumed_from_step,
+        "precision": precision,
+        "device": device.type,
+        "processes": group.world,
+        "feature_cache": cache_note,
+        "cached_layers": features.depth if features is not None else 0,
+    }
+
+
+def _load_data(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[data.TextDataset, Task]:
+    """The splits and the task, said in a line or two; options the task cannot use fail here, before any work."""
+    dataset = data.load_training_data(cfg)
+    sizes = ", ".join(f"{k} {len(v):,}" for k, v in dataset.splits.items())
+    echo(f"data: {dataset.source} ({sizes}); {dataset.num_labels} classes: {names(dataset.class_names, 12)}")
+    for note in dataset.notes:
+        echo(f"data: {note}")
+    task = Task(dataset.task)
+    if task.kind == "regression":
+        config.check_regression_options(cfg)
+    task.resolve_metric(cfg.metric)  # a metric the task has no figure for fails here, before any work
+    if task.kind == "single-label":
+        _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
+    return dataset, task
+
+
+@dataclass
+class BuiltModel:
+    """The classifier ready to train, and what building it decided (recorded in adaptext.json)."""
+
+    model: torch.nn.Module
+    head_modules: list[str]  # newly initialised: trained and saved with the adapter
+    pooling: str
+    fingerprint: dict[str, Any]  # of the base weights: a reload checks it
+    targets: list[str]  # the adapted modules
+    layers: list[int] | None  # the adapted layers (None: every one)
+    params: models.ParamCounts
+    task: Task  # regression: with the targets' scale
+
+
+def _build_model(
+    cfg: config.TrainConfig, source: models.ModelSource, dataset: data.TextDataset, task: Task, pad_id: int,
+    train_labels: list[Any], echo: Callable[[str], None],
+) -> BuiltModel:  # fmt: skip
+    """Load the base with its new head, wrap it for the method, start the head's bias where the task says."""
+    id2label = dict(enumerate(dataset.class_names))
+    model, head_modules = models.load_classifier(
+        source, dataset.num_labels, id2label, pad_id, task.problem_type, cfg.pooling
+    )
+    pooling = pooling_of(model)
+    fingerprint = artifacts.base_fingerprint(model)
+    model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
+    if task.kind == "regression":
+        task = _target_scale(model, train_labels, echo)
+    if task.kind == "multi-label":
+        tasks.init_label_priors(model, train_labels, dataset.num_labels)
+    params = models.count_params(model, head_modules)
+    echo(f"model: {source.name} ({fingerprint['model_type']}, {params.total:,} parameters, {pooling} pooling)")
+    echo(f"model: newly initialised, trained and saved: {', '.join(head_modules) or '-'}")
+    layers = adapted_layers(model, cfg) if cfg.method in config.TOP_LAYER_METHODS else None
+    span = ",".join(map(str, layers or []))
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        span = f"{layers[0]}-{layers[-1]}"
+    where = f" in layers {span} of {num_layers(model)}" if layers else ""
+    if cfg.method in ("lora", "dora", "rslora"):
+        echo(
+            f"{cfg.method}: r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} on {', '.join(targets)}{where}"
+        )
+    elif targets or layers:
+        echo(f"{cfg.method}: on {', '.join(targets) or 'every weight'}{where}")
+    echo(
+        f"trainable: {params.adapter:,} adapter + {params.head:,} head = {params.trainable:,} "
+        f"({params.to_dict()['trainable_percent']:.3f}% of {params.total:,})"
+    )
+
+    return BuiltModel(model, head_modules, pooling, fingerprint, targets, layers, params, task)
 
 
 def _head_init(cfg: config.TrainConfig, task: Task, pooling: str = "mean") -> str:
@@ -562,21 +624,21 @@ def evaluate(
     record the ``precision`` that computed them (``auto``: see ``adaptext.precision``).
     """
     classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend, precision=precision)
-    cfg = classifier.meta["config"]
-    spec = data_spec or cfg.get("data") or str(data.demo_data_dir())
+    cfg = config.saved_config(classifier.meta["config"])
+    spec = data_spec or cfg.data or str(data.demo_data_dir())
     split_data = data.load_eval_split(
         spec,
         split,
         classifier.class_names,
-        text_column or cfg.get("text_column"),
-        label_column or cfg.get("label_column"),
+        text_column or cfg.text_column,
+        label_column or cfg.label_column,
         data_subset,
         encoding,
         task=classifier.task.kind,
-        separator=cfg.get("label_separator"),
+        separator=cfg.label_separator,
     )
     if limit is not None:
-        split_data = data.stratified_sample(split_data, limit, cfg.get("seed", 42))
+        split_data = data.stratified_sample(split_data, limit, cfg.seed)
     logits = classifier.logits(split_data.texts)
     metrics = classifier.task.metrics(split_data.labels, logits, classifier.class_names)
     metrics["precision"] = classifier.precision
