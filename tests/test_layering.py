@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "adaptext"
 TRAINING = (
-    "adaptext.train", "adaptext.api", "adaptext.checkpoint", "adaptext.dropout", "adaptext.distributed",
+    "adaptext.train", "adaptext.train_state", "adaptext.api", "adaptext.checkpoint", "adaptext.dropout", "adaptext.distributed",
     "adaptext.cache", "adaptext.probe", "adaptext.contrastive", "adaptext.compare", "adaptext.tune",
     "adaptext.data", "adaptext.reporting", "adaptext.setfit_arm",
 )  # fmt: skip
@@ -74,3 +74,47 @@ def test_every_function_level_import_says_why_it_is_lazy():
             if not above.startswith("# lazy:"):
                 unexplained.append(f"{path.relative_to(PACKAGE)}:{lineno} imports {module}")
     assert not unexplained, "function-level imports without a '# lazy: <reason>' line above: " + "; ".join(unexplained)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module level or inside functions (lazy ones count)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adaptext"):
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from adaptext import api`
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in modules and d not in (name, "adaptext")}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert graph["adaptext.predict"] >= {"adaptext.batching", "adaptext.artifacts"}  # the walk sees imports
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

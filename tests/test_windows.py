@@ -157,10 +157,12 @@ def test_pooling_is_the_mean_or_max_of_each_texts_windows():
 
 
 def test_models_saved_before_the_options_read_as_before():
-    assert Windowing.from_config({"max_length": 64}) == Windowing(64, "truncate", 16, "mean", 0)
-    assert not Windowing.from_config({"max_length": 64, "long_text": "head+tail"}).sliding
+    saved = config.saved_config  # how a saved model's adaptext.json config is read
+    assert Windowing.from_config(saved({"max_length": 64})) == Windowing(64, "truncate", 16, "mean", 0)
+    assert not Windowing.from_config(saved({"max_length": 64, "long_text": "head+tail"})).sliding
     cfg = config.TrainConfig(max_length=128, long_text="sliding")
-    assert Windowing.from_config(cfg.to_dict()).stride == 32  # default: a quarter of the window
+    assert Windowing.from_config(cfg).stride == 32  # default: a quarter of the window
+    assert Windowing.from_config(saved(cfg.to_dict())) == Windowing.from_config(cfg)
 
 
 # ---------------------------------------------------------------- trained models
@@ -331,14 +333,35 @@ def test_old_model_directories_without_window_keys_load_as_before(trained, tmp_p
     folder = tmp_path / "old"
     shutil.copytree(trained["bert-truncate"].output, folder)
     meta = json.loads((folder / "adaptext.json").read_text())
-    for key in ("stride", "window_pool", "max_windows"):
+    for key in ("long_text", "stride", "window_pool", "max_windows"):  # before the options existed
         del meta["config"][key]
+    del meta["pooling"], meta["task"], meta["base_fingerprint"]  # before they were recorded
     (folder / "adaptext.json").write_text(json.dumps(meta))
     expected = adaptext.load(trained["bert-truncate"].output).logits(TEXTS)
     np.testing.assert_allclose(adaptext.load(folder).logits(TEXTS), expected, atol=1e-6)
     registry = Registry([tmp_path])
     registry.load("old")
     assert registry.probabilities([("old", TEXTS)])[0].shape == (len(TEXTS), 3)
+
+
+def test_saved_settings_are_migrated_explicitly_not_defaulted():
+    """An option a saved model predates reads as what models of its time did, which is not always today's
+    default (--long-text became head+tail; older models truncated)."""
+    from adaptext import artifacts, config
+
+    assert config.TrainConfig().long_text == "head+tail"
+    old = config.saved_config({"max_length": 64, "not_an_option_any_more": 1})
+    assert (old.long_text, old.stride, old.window_pool, old.max_windows, old.max_length) == (
+        "truncate",
+        None,
+        "mean",
+        0,
+        64,
+    )
+    assert config.saved_config({"max_length": 64, "long_text": "sliding"}).long_text == "sliding"
+    meta = artifacts.migrate_meta({"method": "lora", "config": {"max_length": 64}})
+    assert meta["pooling"] == "native" and meta["task"] == {"kind": "single-label"} and meta["base_fingerprint"] == {}
+    assert meta["config"]["long_text"] == "truncate" and "not_an_option_any_more" not in meta["config"]
 
 
 # ---------------------------------------------------------------- bad options

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptext import config
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer, resolve_model
 from adaptext.tasks import Task
@@ -114,11 +116,25 @@ def staged_dir(output: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` (same suffix) to write; renamed over ``path`` when the block ends
+    without an error, removed otherwise. Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def label_map(
@@ -156,20 +172,25 @@ class SavedSettings:
     """What a saved model's ``adaptext.json`` (``self.meta``) says about using it: shared by the
     reloaded model and by each adapter ``serve`` holds."""
 
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # as read_meta returns it (migrated)
+
+    @property
+    def config(self) -> TrainConfig:
+        """The training options the model was saved with (typed)."""
+        return config.saved_config(self.meta["config"])
 
     @property
     def max_length(self) -> int:
-        return int(self.meta["config"]["max_length"])
+        return self.config.max_length
 
     @property
     def long_text(self) -> str:
-        return str(self.meta["config"].get("long_text", "truncate"))  # models saved before the option
+        return self.config.long_text
 
     @property
     def windowing(self) -> Windowing:
         """How texts become rows and rows pool back, as at training time."""
-        return Windowing.from_config(self.meta["config"])
+        return Windowing.from_config(self.config)
 
     @property
     def task(self) -> Task:
@@ -203,12 +224,27 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise AdaptextError(f"{meta_path} is corrupt; retrain or restore it") from None
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdaptextError(f"{folder} was written by a newer adaptext; upgrade adaptext to load it")
-    return meta
+    return migrate_meta(meta)
+
+
+# What a model saved before a setting was recorded did (see config.SAVED_BEFORE for the training options).
+META_SAVED_BEFORE: dict[str, Any] = {"pooling": "native", "task": {"kind": "single-label"}, "base_fingerprint": {}}
+
+
+def migrate_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """adaptext.json as this version reads it: every setting present, older files filled in explicitly,
+    so nothing downstream guesses with ``.get(key, default)``."""
+    return {**META_SAVED_BEFORE, **meta, "config": config.saved_config(meta["config"]).to_dict()}
 
 
 def read_labels(folder: Path) -> dict[str, Any]:
     """labels.json: id2label, label2id, num_labels, pad_token_id."""
     return json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+
+
+def class_names_of(labels: dict[str, Any]) -> list[str]:
+    """The class names in id order, from labels.json's content (its keys are strings: JSON)."""
+    return [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
 
 
 def _base_source(meta: dict[str, Any]) -> ModelSource:
@@ -231,13 +267,13 @@ def load_model(
     folder = Path(folder).expanduser()
     meta = read_meta(folder)
     labels = read_labels(folder)
-    class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+    class_names = class_names_of(labels)
     method = meta["method"]
     source = resolve_model(base) if base else _base_source(meta)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
     id2label = dict(enumerate(class_names))
     problem_type = Task.from_meta(meta).problem_type
-    pooling = meta.get("pooling", "native")  # models saved before pooling was recorded pooled natively
+    pooling = meta["pooling"]
     if method == "full":
         model, _ = load_classifier(
             ModelSource(str(folder), str(folder), None),
@@ -261,7 +297,7 @@ def load_model(
 
 
 def _check_same_base(model: nn.Module, meta: dict[str, Any], source: ModelSource) -> None:
-    expected = meta.get("base_fingerprint", {})
+    expected = meta["base_fingerprint"]
     actual = base_fingerprint(model)
     for key, value in expected.items():
         if actual.get(key) != value:

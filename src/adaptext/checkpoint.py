@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from adaptext.artifacts import atomic_path
 from adaptext.errors import AdaptextError
 
 FOLDER = "checkpoint"
@@ -75,16 +76,15 @@ class Checkpointer:
     def save(self, state: dict[str, Any]) -> None:
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{STATE_FILE}.partial-{os.getpid()}"
-        with tmp.open("wb") as handle:
-            torch.save({"format": FORMAT, "config": identity(self.config), **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.saves += 1
-        if os.environ.get("ADAPTEXT_FAULT_KILL_IN_SAVE") == str(self.saves):
-            # Fault injection for the crash-safety test: die like `kill -9` between writing and renaming.
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            with tmp.open("wb") as handle:
+                torch.save({"format": FORMAT, "config": identity(self.config), **state}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.saves += 1
+            if os.environ.get("ADAPTEXT_FAULT_KILL_IN_SAVE") == str(self.saves):
+                # Fault injection for the crash-safety test: die like `kill -9` between writing and renaming.
+                os.kill(os.getpid(), signal.SIGKILL)
         self.last_save = time.perf_counter()
 
 

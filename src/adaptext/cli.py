@@ -95,8 +95,9 @@ def _show_samples(output: Path) -> None:
 
 
 def load_labels(output: Path) -> list[str]:
-    labels = json.loads((output / "labels.json").read_text(encoding="utf-8"))
-    return [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+    from adaptext import artifacts
+
+    return artifacts.class_names_of(artifacts.read_labels(output))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -290,19 +291,16 @@ def write_predictions(
         raise AdaptextError(f"--output {path}: use a .csv or .jsonl file name")
     if not path.resolve().parent.is_dir():
         raise AdaptextError(f"--output {path}: folder {path.resolve().parent} does not exist")
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as handle:
-            if suffix == ".csv":
-                writer = csv.writer(handle)
-                rows = _csv_rows(texts, results, class_names)
-                writer.writerows([rows[0] + ["precision"]] + [row + [precision] for row in rows[1:]])
-            else:
-                for text, row in zip(texts, results):
-                    handle.write(json.dumps({"text": text, **row, "precision": precision}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from adaptext.artifacts import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as handle:
+        if suffix == ".csv":
+            writer = csv.writer(handle)
+            rows = _csv_rows(texts, results, class_names)
+            writer.writerows([rows[0] + ["precision"]] + [row + [precision] for row in rows[1:]])
+        else:
+            for text, row in zip(texts, results):
+                handle.write(json.dumps({"text": text, **row, "precision": precision}, ensure_ascii=False) + "\n")
 
 
 def _csv_rows(texts: list[str], results: list[dict[str, Any]], class_names: list[str]) -> list[list[str]]:

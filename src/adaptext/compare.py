@@ -283,7 +283,7 @@ def _aggregate(
     for cfg in cfgs:
         folder = Path(cfg.output)
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        meta = artifacts.read_meta(folder)
         runs.append((metrics, meta, folder))
     split = "test" if runs[0][0].get("test") else "validation"
     finals = [m[split] for m, _, _ in runs]

@@ -30,11 +30,13 @@ SCHEDULERS = ("linear", "cosine", "constant")
 LONG_TEXT = ("head+tail", "truncate", "sliding")
 WINDOW_POOLS = ("mean", "max")
 TASKS = ("auto", "single-label", "multi-label", "regression")
-# Selection metrics; which apply depends on the task (adaptext.tasks.METRICS), "auto" picks its usual one.
-METRICS = (
-    "auto", "accuracy", "macro_f1", "weighted_f1", "loss", "micro_f1", "subset_accuracy",
-    "rmse", "mae", "r2", "pearson", "spearman",
-)  # fmt: skip
+# Selection metrics each task reports (``--metric``); "auto" picks the task's usual one (adaptext.tasks).
+TASK_METRICS = {
+    "single-label": ("accuracy", "macro_f1", "weighted_f1", "loss"),
+    "multi-label": ("micro_f1", "macro_f1", "weighted_f1", "subset_accuracy", "loss"),
+    "regression": ("rmse", "mae", "r2", "pearson", "spearman", "loss"),
+}
+METRICS = ("auto", *dict.fromkeys(m for names in TASK_METRICS.values() for m in names))
 LOSSES = ("auto", "cross-entropy", "focal", "contrastive")
 HEAD_INITS = ("auto", "probe", "random")
 HEAD_REFITS = ("auto", "on", "off")
@@ -536,6 +538,19 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
         if "list" in str(f.type) and value is not None and not isinstance(value, list):
             setattr(cfg, f.name, [value])
     return cfg
+
+
+# What a model saved before an option existed did, filled in when its adaptext.json is read. Not always
+# today's default: --long-text became head+tail, but models saved before the option truncated.
+SAVED_BEFORE: dict[str, Any] = {"long_text": "truncate", "stride": None, "window_pool": "mean", "max_windows": 0}
+
+
+def saved_config(values: dict[str, Any]) -> TrainConfig:
+    """A saved model's training config (adaptext.json's ``config``) as a TrainConfig, read once on load:
+    an option the model predates gets what models of its time did (``SAVED_BEFORE``), else today's
+    default; no validation (it was validated when the model was trained)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**SAVED_BEFORE, **{k: v for k, v in values.items() if k in known}})
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -268,7 +268,7 @@ def demo_data_dir() -> Path:
     return Path(str(files("adaptext") / "demo_data"))
 
 
-def load_training_data(cfg: Any) -> TextDataset:
+def load_training_data(cfg: config.TrainConfig) -> TextDataset:
     """Load train/validation(/test) for a TrainConfig, validated and subsampled."""
     spec = cfg.data or str(demo_data_dir())
     tables = load_tables(spec, cfg.data_subset, cfg.encoding)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptext import artifacts
+from adaptext import artifacts, config
 from adaptext.artifacts import library_versions
 from adaptext.batching import check_texts, collate, predict_logits, sorted_batches
 from adaptext.errors import AdaptextError
@@ -116,9 +116,10 @@ class OnnxClassifier:
         self.meta = meta
         self.class_names = class_names
         self.batch_size = batch_size
-        self.max_length = int(meta["config"]["max_length"])
-        self.long_text = str(meta["config"].get("long_text", "truncate"))
-        self.windowing = Windowing.from_config(meta["config"])
+        saved = config.saved_config(meta["config"])
+        self.max_length = saved.max_length
+        self.long_text = saved.long_text
+        self.windowing = Windowing.from_config(saved)
         self.task = Task.from_meta(meta)
         self.precision = precision
 
@@ -148,7 +149,7 @@ def load_onnx(folder: str | Path, quantized: bool = False, batch_size: int = 64)
         raise AdaptextError(f"{folder} has no ONNX export ({ONNX_DIR}/{path.name}); run {how}")
     session = ort_session(path)
     labels = artifacts.read_labels(folder)
-    class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+    class_names = artifacts.class_names_of(labels)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
     # int8: weights quantised per channel, activations at run time (fp32 otherwise)
     return OnnxClassifier(session, tokenizer, meta, class_names, batch_size, "int8" if quantized else "fp32")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adaptext import pooling as pooling_mod
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.pooling import pools_last_token
 from adaptext.stack import adapted_layers, find_stack
@@ -323,7 +324,9 @@ def count_params(model: nn.Module, head_modules: list[str]) -> ParamCounts:
     return ParamCounts(adapter, head, total)
 
 
-def _peft_config(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: int) -> tuple[Any, list[str]]:
+def _peft_config(
+    model: nn.Module, cfg: TrainConfig, head_modules: list[str], total_steps: int
+) -> tuple[Any, list[str]]:
     """The peft config for ``cfg.method`` and the modules it adapts (none for prompt methods)."""
     import peft
 
@@ -385,7 +388,9 @@ def _peft_config(model: nn.Module, cfg: Any, head_modules: list[str], total_step
     raise AdaptextError(f"unknown method {method!r}")
 
 
-def prepare(model: nn.Module, cfg: Any, head_modules: list[str], total_steps: int = 100) -> tuple[nn.Module, list[str]]:
+def prepare(
+    model: nn.Module, cfg: TrainConfig, head_modules: list[str], total_steps: int = 100
+) -> tuple[nn.Module, list[str]]:
     """Attach the training method: peft adapters + trainable head, head only, biases, or everything."""
     if cfg.method == "full":
         top = set(adapted_layers(model, cfg) or []) or None

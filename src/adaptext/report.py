@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from pathlib import Path
 from typing import Any
 
+from adaptext.artifacts import atomic_path
+from adaptext.artifacts import write_text as _write_text
 from adaptext.card import METHOD_NAMES
 from adaptext.metrics import save_confusion_png
 
@@ -152,9 +153,8 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=130)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
 
 
 def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
@@ -219,9 +219,9 @@ def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
     plt.close(fig)
 
     best = max(done, key=lambda a: a["accuracy_mean"])
-    tmp = folder / f".confusion_best.partial-{os.getpid()}.png"
-    save_confusion_png(best["confusion_matrix"], best["class_names"], tmp, f"best arm: {best['method']} (all seeds)")
-    os.replace(tmp, folder / "confusion_best.png")
+    with atomic_path(folder / "confusion_best.png") as tmp:
+        title = f"best arm: {best['method']} (all seeds)"
+        save_confusion_png(best["confusion_matrix"], best["class_names"], tmp, title)
     return made + [p for p in PLOTS if p != "accuracy_vs_examples.png"]
 
 
@@ -347,9 +347,3 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 560px; }}
 </body></html>
 """
     _write_text(folder / "report.html", page)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

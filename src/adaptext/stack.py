@@ -8,11 +8,10 @@ the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
-from adaptext.config import AUTO_TOP_METHODS
+from adaptext.config import AUTO_TOP_METHODS, TrainConfig
 from adaptext.errors import AdaptextError
 
 
@@ -56,7 +55,7 @@ def top_layer_indices(model: nn.Module, top: int) -> list[int]:
     return list(range(total - top, total))
 
 
-def adapted_layers(model: nn.Module, cfg: Any) -> list[int] | None:
+def adapted_layers(model: nn.Module, cfg: TrainConfig) -> list[int] | None:
     """The layer indices the method adapts (None = every layer): --layers, --top-layers, or the default."""
     if cfg.layers:
         return list(cfg.layers)

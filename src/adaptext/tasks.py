@@ -24,20 +24,14 @@ import torch
 from torch import nn
 
 from adaptext import metrics
+from adaptext.config import TASK_METRICS, TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.metrics import sigmoid, softmax
 
-TASKS = ("auto", "single-label", "multi-label", "regression")
 PROBLEM_TYPES = {
     "single-label": "single_label_classification",
     "multi-label": "multi_label_classification",
     "regression": "regression",
-}
-# Selection metrics each task reports (``--metric``).
-METRICS = {
-    "single-label": ("accuracy", "macro_f1", "weighted_f1", "loss"),
-    "multi-label": ("micro_f1", "macro_f1", "weighted_f1", "subset_accuracy", "loss"),
-    "regression": ("rmse", "mae", "r2", "pearson", "spearman", "loss"),
 }
 # What "--metric auto" selects by. Single-label: the validation cross-entropy, as transformers' Trainer
 # does, because accuracy on a few hundred examples moves in steps of 0.5 points and often crowns an early
@@ -84,9 +78,9 @@ class Task:
         report is one AdaptextError line."""
         if metric == "auto":
             return AUTO_METRIC[self.kind]
-        if metric not in METRICS[self.kind]:
+        if metric not in TASK_METRICS[self.kind]:
             raise AdaptextError(
-                f"--metric {metric} does not apply to {self.kind} data; choose one of {', '.join(METRICS[self.kind])}"
+                f"--metric {metric} does not apply to {self.kind} data; choose one of {', '.join(TASK_METRICS[self.kind])}"
             )
         return metric
 
@@ -240,7 +234,7 @@ def sigmoid_focal_loss(
 
 
 def make_loss(
-    cfg: Any, train_labels: Sequence[Any], num_labels: int, device: torch.device, task: Task | None = None
+    cfg: TrainConfig, train_labels: Sequence[Any], num_labels: int, device: torch.device, task: Task | None = None
 ) -> Callable:
     """The training loss for the task and ``cfg.loss``, class-weighted with ``cfg.class_weights``."""
     task = task or Task()

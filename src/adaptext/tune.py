@@ -191,7 +191,7 @@ def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = 
                 f"{goal}; pass another --study-name"
             )
         results = {"results": saved["results"]} if saved and "results" in saved else {}
-        _write_json(marker, {"identity": identity, "space": searched, "study_name": name, "metric": metric,
+        artifacts.write_json(marker, {"identity": identity, "space": searched, "study_name": name, "metric": metric,
                              "direction": goal, "storage": url, **results})  # fmt: skip
         _recover(optuna, study, plan.output, echo)
         # Seeded by how many trials the study has: a resumed run must not replay the first run's samples.
@@ -396,7 +396,7 @@ def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) ->
     writer = csv.DictWriter(buffer, fieldnames=["number", "state", "value", *names, "epochs", "seconds"])
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(output / "trials.csv", buffer.getvalue())
+    artifacts.write_text(output / "trials.csv", buffer.getvalue())
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial if complete else None
     echo(_table(rows, names, metric, best.number if best else None))
@@ -412,7 +412,7 @@ def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) ->
             f"({counts['pruned']} pruned)\n# trial {best.number}: validation {metric} {best.value:.6g}; "
             f"model in {best_dir}\n# re-run: adaptext train --config best.yaml --output DIR (or --preset best.yaml)\n"
         )
-        _write_text(output / "best.yaml", header + yaml.safe_dump(options, sort_keys=False))
+        artifacts.write_text(output / "best.yaml", header + yaml.safe_dump(options, sort_keys=False))
         _link(output / "best", Path(best.user_attrs["dir"]))
         test = best.user_attrs.get("test") or {}
         results["best"] = {"number": best.number, "value": best.value, "params": best.params,
@@ -423,7 +423,7 @@ def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) ->
     if unfinished > 0:
         echo(f"{unfinished} of {plan.trials} trials still to run: re-run the same command to continue")
     marker = output / MARKER
-    _write_json(marker, {**json.loads(marker.read_text(encoding="utf-8")), "results": results})
+    artifacts.write_json(marker, {**json.loads(marker.read_text(encoding="utf-8")), "results": results})
     return results
 
 
@@ -469,17 +469,6 @@ def _check_same_study(output: Path, saved: dict[str, Any], identity: dict[str, A
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _link(path: Path, target: Path) -> None:

@@ -13,14 +13,13 @@ a reloaded model cuts and pools texts exactly as at training time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from adaptext.batching import TOKENIZE_CHUNK, special_token_split, tokenize
-from adaptext.config import resolve_stride
+from adaptext.config import TrainConfig, resolve_stride
 from adaptext.errors import AdaptextError
 
 
@@ -48,19 +47,10 @@ class Windowing:
     max_windows: int = 0  # 0: every window
 
     @classmethod
-    def from_config(cls, values: Mapping[str, Any]) -> Windowing:
-        """From a config mapping (``TrainConfig.to_dict()`` or adaptext.json's ``config``).
-
-        Models saved before an option read as without it: no ``long_text`` is truncate, no window keys
-        are the defaults.
-        """
-        max_length = int(values["max_length"])
+    def from_config(cls, cfg: TrainConfig) -> Windowing:
+        """From a run's config, or a saved model's (``config.saved_config``: older models migrated)."""
         return cls(
-            max_length,
-            str(values.get("long_text") or "truncate"),
-            resolve_stride(max_length, values.get("stride")),
-            str(values.get("window_pool") or "mean"),
-            int(values.get("max_windows") or 0),
+            cfg.max_length, cfg.long_text, resolve_stride(cfg.max_length, cfg.stride), cfg.window_pool, cfg.max_windows
         )
 
     @property

@@ -28,6 +28,7 @@ from adaptext.artifacts import (
     SavedSettings,
     _base_source,
     _check_same_base,
+    class_names_of,
     load_model,
     read_labels,
     read_meta,
@@ -346,7 +347,7 @@ class Registry:
         meta = read_meta(folder)
         check_weights_files(folder)
         labels = read_labels(folder)
-        class_names = [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
+        class_names = class_names_of(labels)
         method = meta["method"]
         runner: SharedBase | Standalone
         if method in SHAREABLE:
@@ -354,7 +355,7 @@ class Registry:
             if not weights.is_file():
                 raise AdaptextError(f"{folder} has no {weights.name}; only safetensors weights are loaded")
             source = _base_source(meta)
-            pooling = meta.get("pooling", "native")  # adapters share a base only if they pool alike
+            pooling = meta["pooling"]  # adapters share a base only if they pool alike
             key = f"{os.path.realpath(source.path)}|pad={labels['pad_token_id']}|pooling={pooling}"
             runner = self.bases.get(key) or SharedBase(
                 source, labels["pad_token_id"], self.device, self.precision, pooling
