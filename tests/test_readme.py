@@ -19,7 +19,7 @@ LAUNCHERS = {  # torchrun's and accelerate launch's own
     "--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint",
     "--num_processes", "--use_fsdp", "--fsdp_version", "--fsdp_reshard_after_forward",
 }  # fmt: skip
-PIP_PYTEST = {"--no-deps", "--quiet", "--upgrade", "--index-url", "--dist"}  # pip's and pytest-xdist's own
+PIP_PYTEST = {"--no-deps", "--quiet", "--upgrade", "--index-url", "--dist", "--durations"}  # pip's and pytest's own
 
 
 def readme_commands() -> list[str]:
