@@ -13,6 +13,7 @@ crash or a bad input never leaves a half-written output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -174,9 +175,9 @@ class SavedSettings:
 
     meta: dict[str, Any]  # as read_meta returns it (migrated)
 
-    @property
+    @functools.cached_property
     def config(self) -> TrainConfig:
-        """The training options the model was saved with (typed)."""
+        """The training options the model was saved with (typed; built once: predict and serve read it per call)."""
         return config.saved_config(self.meta["config"])
 
     @property
