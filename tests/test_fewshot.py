@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adaptext
-from adaptext import api, artifacts, compare, config, contrastive, data, models, pooling, probe
+from adaptext import api, artifacts, compare, config, contrastive, data, models, policy, pooling, probe
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.train_state import planned_epochs, planned_steps
@@ -270,7 +270,7 @@ def test_head_init_choices(tiny_models, topic_dir, tmp_path):
     assert not any(line.startswith("head:") for line in lines)
     assert artifacts.read_meta(tmp_path / "r")["head_init"] == {"kind": "random"}
     with pytest.raises(AdaptextError, match="--head-init probe is for single-label"):
-        api._head_init(config.validate(TrainConfig(head_init="probe")), api.Task("regression"))
+        policy.head_init(config.validate(TrainConfig(head_init="probe")), api.Task("regression"))
 
 
 def test_refit_head_without_validation_is_the_logistic_regression():
@@ -338,14 +338,14 @@ def test_head_refit_choices_and_eight_classes_with_rank_eight(tiny_models, tmp_p
 def test_loss_auto_is_contrastive_only_for_small_single_label_data_with_a_probe_head():
     cfg = config.validate(TrainConfig())
     single, multi = api.Task("single-label"), api.Task("multi-label")
-    assert api.resolve_loss(cfg, single, "probe", validated=False) == "contrastive"
-    assert api.resolve_loss(cfg, single, "probe", validated=True) == "cross-entropy"  # validation picks epochs
-    assert api.resolve_loss(cfg, single, "random", validated=False) == "cross-entropy"
-    assert api.resolve_loss(cfg, multi, "random", validated=False) == "cross-entropy"
+    assert policy.resolve_loss(cfg, single, "probe", validated=False) == "contrastive"
+    assert policy.resolve_loss(cfg, single, "probe", validated=True) == "cross-entropy"  # validation picks epochs
+    assert policy.resolve_loss(cfg, single, "random", validated=False) == "cross-entropy"
+    assert policy.resolve_loss(cfg, multi, "random", validated=False) == "cross-entropy"
     off = config.validate(TrainConfig(head_refit="off"))
-    assert api.resolve_loss(off, single, "probe", validated=False) == "cross-entropy"
+    assert policy.resolve_loss(off, single, "probe", validated=False) == "cross-entropy"
     with pytest.raises(AdaptextError, match="--loss contrastive is for single-label data; this is multi-label"):
-        api.resolve_loss(config.validate(TrainConfig(loss="contrastive")), multi, "random", validated=False)
+        policy.resolve_loss(config.validate(TrainConfig(loss="contrastive")), multi, "random", validated=False)
     with pytest.raises(AdaptextError, match="--loss contrastive trains no head .*drop --head-refit off"):
         config.validate(TrainConfig(loss="contrastive", head_refit="off"))
     with pytest.raises(AdaptextError, match="--loss contrastive with --contrastive 0"):

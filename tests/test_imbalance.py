@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import adaptext
-from adaptext import api, config, data
+from adaptext import api, config, data, policy
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.tasks import class_weight_tensor, focal_loss, make_loss
@@ -117,16 +117,16 @@ def test_focal_with_class_weights_trains_saves_and_reloads(tiny_models, tmp_path
 def test_skew_warning_lists_counts_once_and_only_for_skewed_data():
     lines: list[str] = []
     labels = [0] * 40 + [1] * 40 + [2] * 8
-    api._warn_if_imbalanced(labels, ["money", "sports", "space"], TrainConfig(), lines.append)
+    policy.warn_if_imbalanced(labels, ["money", "sports", "space"], TrainConfig(), lines.append)
     assert len(lines) == 1 and lines[0].startswith("warning: ")
     assert "money 40, sports 40, space 8" in lines[0] and "5.0x" in lines[0]
     assert "--class-weights and/or --loss focal" in lines[0] and "--metric macro_f1" in lines[0]
     lines.clear()
-    api._warn_if_imbalanced([0] * 20 + [1] * 7, ["a", "b"], TrainConfig(), lines.append)  # 2.9x: under the rule
-    api._warn_if_imbalanced([0, 1, 2] * 10, ["a", "b", "c"], TrainConfig(), lines.append)
+    policy.warn_if_imbalanced([0] * 20 + [1] * 7, ["a", "b"], TrainConfig(), lines.append)  # 2.9x: under the rule
+    policy.warn_if_imbalanced([0, 1, 2] * 10, ["a", "b", "c"], TrainConfig(), lines.append)
     assert lines == []
     full = TrainConfig(class_weights=True, loss="focal", metric="macro_f1")
-    api._warn_if_imbalanced(labels, ["money", "sports", "space"], full, lines.append)
+    policy.warn_if_imbalanced(labels, ["money", "sports", "space"], full, lines.append)
     assert len(lines) == 1 and lines[0].startswith("data: ") and "using --class-weights" in lines[0]
     assert data.skew([0] * 30 + [1] * 10, ["a", "b"]) == (3.0, {"a": 30, "b": 10})
 

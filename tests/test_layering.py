@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "adaptext"
 TRAINING = (
     "adaptext.train", "adaptext.train_state", "adaptext.api", "adaptext.checkpoint", "adaptext.dropout", "adaptext.distributed",
     "adaptext.cache", "adaptext.probe", "adaptext.contrastive", "adaptext.compare", "adaptext.tune",
-    "adaptext.data", "adaptext.reporting", "adaptext.setfit_arm",
+    "adaptext.data", "adaptext.reporting", "adaptext.setfit_arm", "adaptext.policy", "adaptext.evaluation",
 )  # fmt: skip
 INFERENCE = ("adaptext.predict", "adaptext.export", "adaptext.serve.app", "adaptext.serve.server", "adaptext.artifacts")
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import adaptext
-from adaptext import api, data, tasks
+from adaptext import api, data, evaluation, tasks
 from adaptext.config import TrainConfig, validate
 from adaptext.errors import AdaptextError
 from adaptext.metrics import multilabel_metrics, regression_metrics
@@ -240,7 +240,7 @@ def test_multi_label_model_learns_saves_its_thresholds_and_reloads_exactly(train
     # evaluate reloads the model and re-scores the test split in the same precision: the saved test figures,
     # exactly in fp32; in bf16 the loss (binary cross-entropy is 1-Lipschitz in each logit) within the bound,
     # and micro-F1 exactly unless a cell sits within the bound of its threshold.
-    again = api.evaluate(folder)
+    again = evaluation.evaluate(folder)
     assert again["precision"] == test["precision"] == precision
     test_logits = classifier.logits(pd.read_parquet(mixed_dir / "test.parquet")["text"].tolist())
     assert again["loss"] == pytest.approx(test["loss"], abs=1e-5 if precision == "fp32" else logit_bound(test_logits))
@@ -265,7 +265,7 @@ def test_regression_model_learns_and_predicts_on_the_targets_scale(trained, mixe
     )
     values = adaptext.load(folder).predict(["goal match team goal", "bank price stock"])
     assert values[0]["value"] > values[1]["value"] + 2 and set(values[0]) == {"value", "label"}
-    again = api.evaluate(folder)
+    again = evaluation.evaluate(folder)
     assert again["precision"] == metrics["test"]["precision"] == precision
     assert again["rmse"] == pytest.approx(
         metrics["test"]["rmse"], **({"rel": 1e-5} if fp32 else {"abs": logit_bound(test_values)})

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptext import api
+from adaptext import api, evaluation, policy
 from adaptext.batching import bucketed_batches, collate, sorted_batches
 from adaptext.precision import resolve as resolve_precision
 from adaptext.tasks import class_weight_tensor
@@ -144,13 +144,13 @@ def test_the_saved_epoch_is_the_lowest_validation_loss_unless_told_otherwise(tin
     history, best = outcome.metrics["history"], outcome.metrics["best"]
     assert len(history) == 4 and best == min(history, key=lambda r: r["loss"])
     # The saved weights are that evaluation's: the saved model, loaded afresh, scores its loss and accuracy.
-    again = api.evaluate(outcome.output, str(folder), split="validation")
+    again = evaluation.evaluate(outcome.output, str(folder), split="validation")
     assert again["loss"] == pytest.approx(best["loss"], abs=1e-5) and again["accuracy"] == best["accuracy"]
     assert outcome.metrics["validation"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
     chosen = quiet_train(tiny_models, folder, tmp_path, "by-acc", epochs=4, lr=5e-3, metric="accuracy")
     history = chosen.metrics["history"]
     assert chosen.metrics["best"] == next(r for r in history if r["accuracy"] == max(h["accuracy"] for h in history))
-    again = api.evaluate(chosen.output, str(folder), split="validation")
+    again = evaluation.evaluate(chosen.output, str(folder), split="validation")
     assert again["accuracy"] == chosen.metrics["best"]["accuracy"]
     assert again["loss"] == pytest.approx(chosen.metrics["best"]["loss"], abs=1e-5)
 
@@ -184,8 +184,8 @@ def test_warns_when_validation_ends_at_the_majority_class_rate():
 
     lines = []
     stuck = {"accuracy": 0.5}
-    api._warn_if_nothing_learned(stuck, [0, 0, 1, 1], TrainConfig(lr=2e-3), lines.append)
+    policy.warn_if_nothing_learned(stuck, [0, 0, 1, 1], TrainConfig(lr=2e-3), lines.append)
     assert len(lines) == 1 and "no better than always answering the most common class (0.500)" in lines[0]
     assert "--lr (now 0.002)" in lines[0]
-    api._warn_if_nothing_learned({"accuracy": 0.8}, [0, 0, 1, 1], TrainConfig(), lines.append)
+    policy.warn_if_nothing_learned({"accuracy": 0.8}, [0, 0, 1, 1], TrainConfig(), lines.append)
     assert len(lines) == 1

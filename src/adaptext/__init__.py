@@ -19,7 +19,7 @@ _EXPORTS = {
     "Classifier": "adaptext.predict",
     "TrainConfig": "adaptext.config",
     "TrainOutcome": "adaptext.api",
-    "evaluate": "adaptext.api",
+    "evaluate": "adaptext.evaluation",
     "export_onnx": "adaptext.export",
     "load": "adaptext.predict",
     "train": "adaptext.api",

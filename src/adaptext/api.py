@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -12,21 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, distributed, models, probe, reporting, tasks
+from adaptext import artifacts, checkpoint, config, data, distributed, models, policy, probe, reporting, tasks
 from adaptext import cache as feature_cache
 from adaptext.artifacts import library_versions, peak_rss_mb
 from adaptext.batching import pick_device, seed_everything
 from adaptext.card import model_card
 from adaptext.distributed import sharded_logits
-from adaptext.errors import AdaptextError, names
+from adaptext.errors import names
 from adaptext.metrics import format_report, save_confusion_png
 from adaptext.pooling import of as pooling_of
 from adaptext.precision import resolve as resolve_precision
-from adaptext.predict import load
 from adaptext.stack import adapted_layers, num_layers
 from adaptext.tasks import Task
 from adaptext.train import train_loop
@@ -87,39 +84,115 @@ def _train(
     group: distributed.Group,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainOutcome:
+    """The recipe: load data, build the model, decide the schedule, train, score, save."""
     if cfg.output is None:
         cfg.output = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         Path("runs").mkdir(exist_ok=True)
-    output, resume_state = _prepare_output(cfg, echo)
+    output, resume_state = checkpoint.prepare_output(cfg, echo)
     seed_everything(cfg.seed)
     models.quiet_transformers()
 
     source = models.resolve_model(cfg.model)
     dataset, task = _load_data(cfg, echo)
-
     tokenizer = models.load_tokenizer(source)
     # Tokenised first: with sliding windows the number of training rows (and so of steps) depends on it.
     windowing = Windowing.from_config(cfg)
     encoded = {name: windowing.encode(tokenizer, split.texts) for name, split in dataset.splits.items()}
     train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
-    id2label = dict(enumerate(dataset.class_names))
     built = _build_model(cfg, source, dataset, task, tokenizer.pad_token_id, train_labels, echo)
-    model, head_modules, pooling, task = built.model, built.head_modules, built.pooling, built.task
+    model, task = built.model, built.task
+    plan = _plan(cfg, built, group, dataset, encoded, train_labels, tokenizer.pad_token_id, windowing, echo)
 
+    stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
+    report_to = cfg.report_to if group.primary else None
+    with (
+        stage as staging,
+        reporting.Reporter(report_to, output, cfg.to_dict(), echo, resume_state is not None) as reporter,
+    ):
+        validation = encoded.get("validation") if plan.selects else None
+        result = train_loop(
+            model,
+            encoded["train"].ids,
+            train_labels,
+            validation.ids if validation is not None else [],
+            dataset.splits["validation"].labels if validation is not None else [],
+            dataset.class_names,
+            tokenizer.pad_token_id,
+            dataclasses.replace(cfg, loss=plan.loss),
+            staging / "train_log.jsonl" if group.primary else None,
+            progress,
+            plan.features,
+            checkpointer=checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps)
+            if group.primary and cfg.method != "adalora"
+            else None,
+            resume=resume_state,
+            group=group,
+            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
+            on_eval=reporter.with_eval(on_eval),
+            on_log=reporter.log_step,
+            task=task,
+            contrastive=plan.contrast,
+        )
+        if task.kind == "regression":
+            tasks.fold_target_scale(model, task.mean, task.std)
+        refit = policy.refit_head(model, cfg, task, plan.head_start["kind"], plan.loss, group, encoded, dataset,
+                                  train_labels, plan.precision, tokenizer.pad_token_id, windowing, echo)  # fmt: skip
+        metrics: dict[str, Any] = {"history": result.history, "best": result.best}
+        task = _score_splits(metrics, model, encoded, dataset, task, result, refit, cfg, plan.precision, plan.device,
+                             group, tokenizer.pad_token_id, windowing)  # fmt: skip
+        metrics["train"] = _train_record(result, len(train_labels), plan, group)
+        meta = _meta(
+            cfg, source, built, plan, task, refit, dataset.class_names, tokenizer.pad_token_id, len(train_labels)
+        )
+        if group.sharded:  # every process gives its shards; rank 0 saves a whole model built from them
+            whole = distributed.full_model_state(model)
+            if group.primary:
+                model = _unsharded(whole, source, dataset, tokenizer.pad_token_id, task, cfg, built.head_modules)
+        if group.primary:  # the other processes of a distributed run write nothing
+            _save_run(staging, output, model, tokenizer, cfg, built.head_modules, task, dataset.class_names, meta,
+                      metrics, echo)  # fmt: skip
+            with _extra("the training logs (--report-to)", echo):
+                reporter.finish(metrics, result.steps, staging)
+    _summarise(metrics, dataset, cfg, task, echo)
+    echo(f"saved: {output}")
+    return TrainOutcome(output, metrics, meta)
+
+
+@dataclass
+class _Plan:
+    """What a run decided before its first step (said in the output, recorded in adaptext.json)."""
+
+    device: torch.device
+    precision: str
+    head_start: dict[str, Any]  # kind: probe or random; a probe's rows and cross-validated accuracy
+    loss: str
+    contrast: float  # the contrastive term's weight
+    epochs: float
+    selects: bool  # validation picks the evaluation whose weights are kept
+    features: feature_cache.FeatureCache | None
+    cache_note: str
+
+
+def _plan(
+    cfg: config.TrainConfig, built: BuiltModel, group: distributed.Group, dataset: data.TextDataset,
+    encoded: dict[str, Any], train_labels: list[Any], pad_id: int, windowing: Windowing, echo: Callable[[str], None],
+) -> _Plan:  # fmt: skip
+    """Device, precision, the head's start, loss, sharding, schedule and feature cache, each said in a line."""
+    model, task = built.model, built.task
     device = group.device() if group.active else pick_device()
     model.to(device)
     precision = resolve_precision(cfg.precision, device)
-    head_start: dict[str, Any] = {"kind": _head_init(cfg, task, pooling)}
-    loss = resolve_loss(cfg, task, head_start["kind"], "validation" in encoded)
-    contrast = contrastive_weight(cfg, pooling, loss) if task.kind == "single-label" else 0.0
+    head_start: dict[str, Any] = {"kind": policy.head_init(cfg, task, built.pooling)}
+    loss = policy.resolve_loss(cfg, task, head_start["kind"], "validation" in encoded)
+    contrast = policy.contrastive_weight(cfg, built.pooling, loss) if task.kind == "single-label" else 0.0
     if head_start["kind"] == "probe":  # before sharding: every process fits the same probe on whole weights
         found = probe.fit_head(
-            model, encoded["train"].ids, train_labels, dataset.num_labels, tokenizer.pad_token_id, precision, cfg.seed
+            model, encoded["train"].ids, train_labels, dataset.num_labels, pad_id, precision, cfg.seed
         )
         head_start.update(rows=found.rows, cv_accuracy=found.cv_accuracy)
         echo(f"head: starts as a {found.describe()}")
     if group.sharded:
-        _shard(model, cfg, group, echo)
+        distributed.shard_for_training(model, cfg, group, echo)
     elif cfg.shard != "none":
         echo(f"shard: --shard {cfg.shard} ignored: a single process has nothing to shard with (launch with torchrun)")
     examples = f"{len(train_labels):,} examples"
@@ -142,98 +215,58 @@ def _train(
         if loss == "contrastive":
             why = " (--loss auto: small data, no validation split)" if cfg.loss == "auto" else ""
             term = f"; loss: supervised contrastive only{why}, the head is refitted after training"
-        echo("schedule: " + _schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
-
+        echo("schedule: " + policy.schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
     if group.sharded and features is not None:
         features, cache_note = None, "off (with FSDP the frozen layers are sharded: they run every step)"
     if features is not None or built.layers or cfg.method == "head":
         echo(f"feature cache: {cache_note}")
-    validation = encoded.get("validation")  # None: too little data to carve one (data.load_training_data)
-    selecting = validation if selects else None
-    stage = artifacts.staged_dir(output) if group.primary else _scratch_dir()
-    report_to = cfg.report_to if group.primary else None
-    resumed = resume_state is not None
-    with stage as staging, reporting.Reporter(report_to, output, cfg.to_dict(), echo, resumed) as reporter:
-        result = train_loop(
-            model,
-            encoded["train"].ids,
-            train_labels,
-            selecting.ids if selecting is not None else [],
-            dataset.splits["validation"].labels if selecting is not None else [],
-            dataset.class_names,
-            tokenizer.pad_token_id,
-            dataclasses.replace(cfg, loss=loss),
-            staging / "train_log.jsonl" if group.primary else None,
-            progress,
-            features,
-            checkpointer=checkpoint.Checkpointer(output, cfg.to_dict(), cfg.checkpoint_steps)
-            if group.primary and cfg.method != "adalora"
-            else None,
-            resume=resume_state,
-            group=group,
-            val_pool=(lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
-            on_eval=reporter.with_eval(on_eval),
-            on_log=reporter.log_step,
-            task=task,
-            contrastive=contrast,
-        )
-        if task.kind == "regression":
-            tasks.fold_target_scale(model, task.mean, task.std)
-        refit = _refit_head(model, cfg, task, head_start["kind"], loss, group, encoded, dataset, train_labels, precision,
-                            tokenizer.pad_token_id, windowing, echo)  # fmt: skip
-        metrics: dict[str, Any] = {"history": result.history, "best": result.best}
-        task = _score_splits(metrics, model, encoded, dataset, task, result, refit, cfg, precision, device, group,
-                             tokenizer.pad_token_id, windowing)  # fmt: skip
-        metrics["train"] = _train_record(result, len(train_labels), precision, device, group, features, cache_note)
-        meta = {
-            "format_version": artifacts.FORMAT_VERSION,
-            "method": cfg.method,
-            # The precision training and its evaluations ran in: `adaptext evaluate` in the same one reproduces
-            # the training-time metrics (adaptext.precision says how closely in bf16).
-            "precision": precision,
-            "base_model": source.to_dict(),
-            "base_fingerprint": built.fingerprint,
-            "pooling": pooling,  # installed again on every load (adaptext.pooling)
-            "head_init": head_start,
-            "contrastive": contrast,
-            "loss": loss,
-            "head_refit": refit.to_dict() if refit else None,
-            "schedule": {
-                "epochs": epochs,
-                "steps": planned_steps(len(train_labels), cfg)[2],
-                "validation": selects,
-            },  # fmt: skip
-            "head_modules": head_modules,
-            "target_modules": built.targets,
-            "adapted_layers": built.layers,
-            "params": built.params.to_dict(),
-            "lr": cfg.resolved_lr(),
-            "class_names": dataset.class_names,
-            "task": task.to_meta(),
-            "pad_token_id": tokenizer.pad_token_id,
-            "config": cfg.to_dict(),
-            "versions": library_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if group.sharded:  # every process gives its shards; rank 0 saves a whole model built from them
-            whole = distributed.full_model_state(model)
-            if group.primary:
-                model = _unsharded(whole, source, dataset, id2label, tokenizer, task, cfg, head_modules)
-        if group.primary:  # the other processes of a distributed run write nothing
-            _save_run(
-                staging, output, model, tokenizer, cfg, head_modules, task, dataset.class_names, meta, metrics, echo
-            )
-            with _extra("the training logs (--report-to)", echo):
-                reporter.finish(metrics, result.steps, staging)
+    return _Plan(device, precision, head_start, loss, contrast, epochs, selects, features, cache_note)
+
+
+def _meta(
+    cfg: config.TrainConfig, source: models.ModelSource, built: BuiltModel, plan: _Plan, task: Task,
+    refit: probe.Refit | None, class_names: list[str], pad_id: int, rows: int,
+) -> dict[str, Any]:  # fmt: skip
+    """adaptext.json: what a reload needs (read back through adaptext.artifacts) and what the run decided."""
+    return {
+        "format_version": artifacts.FORMAT_VERSION,
+        "method": cfg.method,
+        # The precision training and its evaluations ran in: `adaptext evaluate` in the same one reproduces
+        # the training-time metrics (adaptext.precision says how closely in bf16).
+        "precision": plan.precision,
+        "base_model": source.to_dict(),
+        "base_fingerprint": built.fingerprint,
+        "pooling": built.pooling,  # installed again on every load (adaptext.pooling)
+        "head_init": plan.head_start,
+        "contrastive": plan.contrast,
+        "loss": plan.loss,
+        "head_refit": refit.to_dict() if refit else None,
+        "schedule": {"epochs": plan.epochs, "steps": planned_steps(rows, cfg)[2], "validation": plan.selects},
+        "head_modules": built.head_modules,
+        "target_modules": built.targets,
+        "adapted_layers": built.layers,
+        "params": built.params.to_dict(),
+        "lr": cfg.resolved_lr(),
+        "class_names": class_names,
+        "task": task.to_meta(),
+        "pad_token_id": pad_id,
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _summarise(
+    metrics: dict[str, Any], dataset: data.TextDataset, cfg: config.TrainConfig, task: Task, echo: Callable[[str], None]
+) -> None:
+    """The held-out figures in a line each, and a warning when the model is no better than a constant answer."""
     for split in ("validation", "test"):
         if split in metrics:
             echo(f"{split}: " + format_report(metrics[split]).splitlines()[0])
     held_out = next((split for split in ("validation", "test") if split in metrics), None)
     if cfg.epochs > 0 and held_out is not None:
-        _warn_if_nothing_learned(metrics[held_out], dataset.splits[held_out].labels, cfg, echo, task, held_out)
-    echo(f"saved: {output}")
-    return TrainOutcome(output, metrics, meta)
+        policy.warn_if_nothing_learned(metrics[held_out], dataset.splits[held_out].labels, cfg, echo, task, held_out)
 
 
 def _save_run(
@@ -295,10 +328,7 @@ def _score_splits(
     return task
 
 
-def _train_record(
-    result: TrainResult, rows: int, precision: str, device: torch.device, group: distributed.Group,
-    features: feature_cache.FeatureCache | None, cache_note: str,
-) -> dict[str, Any]:  # fmt: skip
+def _train_record(result: TrainResult, rows: int, plan: _Plan, group: distributed.Group) -> dict[str, Any]:
     """metrics.json's ``train``: cost and throughput of the run."""
     return {
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -312,11 +342,11 @@ def _train_record(
         "rows": rows,  # training examples: texts, or their windows with --long-text sliding
         "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from_step,
-        "precision": precision,
-        "device": device.type,
+        "precision": plan.precision,
+        "device": plan.device.type,
         "processes": group.world,
-        "feature_cache": cache_note,
-        "cached_layers": features.depth if features is not None else 0,
+        "feature_cache": plan.cache_note,
+        "cached_layers": plan.features.depth if plan.features is not None else 0,
     }
 
 
@@ -332,7 +362,7 @@ def _load_data(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[da
         config.check_regression_options(cfg)
     task.resolve_metric(cfg.metric)  # a metric the task has no figure for fails here, before any work
     if task.kind == "single-label":
-        _warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
+        policy.warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)
     return dataset, task
 
 
@@ -363,7 +393,7 @@ def _build_model(
     fingerprint = artifacts.base_fingerprint(model)
     model, targets = models.prepare(model, cfg, head_modules, planned_steps(len(train_labels), cfg)[2])
     if task.kind == "regression":
-        task = _target_scale(model, train_labels, echo)
+        task = policy.target_scale(model, train_labels, echo)
     if task.kind == "multi-label":
         tasks.init_label_priors(model, train_labels, dataset.num_labels)
     params = models.count_params(model, head_modules)
@@ -388,119 +418,13 @@ def _build_model(
     return BuiltModel(model, head_modules, pooling, fingerprint, targets, layers, params, task)
 
 
-def _head_init(cfg: config.TrainConfig, task: Task, pooling: str = "mean") -> str:
-    """``auto``: a probe for single-label training of a mean-pooled (sentence-transformers) encoder, where
-    it was measured (docs/RESULTS.md "Few labels"); multi-label and regression heads have their own
-    starts (class rates, the target mean); a random head when nothing trains (--epochs 0)."""
-    if cfg.head_init != "auto":
-        if cfg.head_init == "probe" and task.kind != "single-label":
-            raise AdaptextError(f"--head-init probe is for single-label data; this is {task.kind}: use auto or random")
-        return cfg.head_init
-    return "probe" if task.kind == "single-label" and cfg.epochs > 0 and pooling == "mean" else "random"
-
-
-def _refit_head(
-    model: torch.nn.Module,
-    cfg: config.TrainConfig,
-    task: Task,
-    head_start: str,
-    loss: str,
-    group: distributed.Group,
-    encoded: dict[str, Any],
-    dataset: data.TextDataset,
-    train_labels: list[Any],
-    precision: str,
-    pad_id: int,
-    windowing: Windowing,
-    echo: Callable[[str], None],
-) -> probe.Refit | None:
-    """The output layer refitted on the trained features (probe.refit_head) where --head-refit asks for it."""
-    wanted = loss == "contrastive" or {"on": True, "off": False}.get(cfg.head_refit, head_start == "probe")
-    if not wanted or task.kind != "single-label" or cfg.epochs == 0:
-        return None
-    if group.sharded:
-        echo("head: --head-refit skipped: with FSDP the output layer is sharded across processes")
-        return None
-    validation = encoded.get("validation")
-    found = probe.refit_head(
-        model,
-        encoded["train"].ids,
-        train_labels,
-        dataset.num_labels,
-        pad_id,
-        precision,
-        cfg.seed,
-        (validation.ids, dataset.splits["validation"].labels) if validation is not None else None,
-        (lambda logits: windowing.pool_logits(logits, validation)) if windowing.sliding else None,
-    )
-    echo(f"head: {found.describe()}")
-    return found
-
-
-def contrastive_weight(cfg: config.TrainConfig, pooling: str, loss: str = "cross-entropy") -> float:
-    """--contrastive, or its default: 1 with mean pooling (measured there) or as the whole loss, else 0."""
-    if cfg.contrastive is not None:
-        return cfg.contrastive
-    return 1.0 if pooling == "mean" or loss == "contrastive" else 0.0
-
-
-def resolve_loss(cfg: config.TrainConfig, task: Task, head_start: str, validated: bool) -> str:
-    """--loss, with auto decided: the contrastive loss alone (then a refitted head) for small single-label
-    data whose head starts as a probe, where it was measured (docs/RESULTS.md "Few labels"); else cross-entropy."""
-    if cfg.loss == "contrastive" and task.kind != "single-label":
-        raise AdaptextError(f"--loss contrastive is for single-label data; this is {task.kind}: use auto")
-    if cfg.loss != "auto":
-        return cfg.loss
-    small = task.kind == "single-label" and head_start == "probe" and not validated and cfg.epochs > 0
-    return "contrastive" if small and cfg.head_refit != "off" and cfg.contrastive != 0 else "cross-entropy"
-
-
-def _schedule_line(cfg: config.TrainConfig, rows: int, epochs: float, validated: bool, task: Task) -> str:
-    """What the schedule is and why, in one line."""
-    steps = planned_steps(rows, cfg)[2]
-    why = (
-        f"--epochs {cfg.epochs:g} raised to {epochs:.3g} to reach --min-steps {cfg.min_steps}"
-        if epochs != cfg.epochs
-        else f"--epochs {cfg.epochs:g}"
-    )
-    if validated:
-        keep = f"the evaluation with the best validation {task.resolve_metric(cfg.metric)} is kept"
-    else:
-        keep = "no validation split, so the final weights are kept"
-    return f"{steps} optimiser steps ({why}); {keep}"
-
-
-def _shard(
-    model: torch.nn.Module, cfg: config.TrainConfig, group: distributed.Group, echo: Callable[[str], None]
-) -> None:
-    if cfg.method == "adalora":
-        raise AdaptextError(
-            "--method adalora reallocates ranks from whole gradients, which FSDP shards; use lora or --shard none"
-        )
-    if cfg.compile:
-        raise AdaptextError("--compile with FSDP sharding (--shard) is not supported; drop one of them")
-    units = distributed.shard_model(model, group)
-    blocks = ", ".join(f"{count} {name}" for name, count in sorted(units.items()))
-    what = "weights, gradients and optimiser state" if cfg.shard == "full" else "gradients and optimiser state"
-    echo(
-        f"shard: FSDP {cfg.shard} over {group.world} processes ({what}; {sum(units.values())} units: {blocks}, and the root)"
-    )
-
-
 def _unsharded(
-    whole: dict[str, torch.Tensor],
-    source: models.ModelSource,
-    dataset: data.TextDataset,
-    id2label: dict[int, str],
-    tokenizer: Any,
-    task: Task,
-    cfg: config.TrainConfig,
-    head_modules: list[str],
-) -> torch.nn.Module:
+    whole: dict[str, torch.Tensor], source: models.ModelSource, dataset: data.TextDataset, pad_id: int, task: Task,
+    cfg: config.TrainConfig, head_modules: list[str],
+) -> torch.nn.Module:  # fmt: skip
     """A plain (unsharded) copy of the trained model on the CPU, from the whole weights FSDP gathered."""
-    model, _ = models.load_classifier(
-        source, dataset.num_labels, id2label, tokenizer.pad_token_id, task.problem_type, cfg.pooling
-    )
+    id2label = dict(enumerate(dataset.class_names))
+    model, _ = models.load_classifier(source, dataset.num_labels, id2label, pad_id, task.problem_type, cfg.pooling)
     model, _ = models.prepare(model, cfg, head_modules)
     model.load_state_dict(whole)
     return model.eval()
@@ -512,87 +436,6 @@ def _scratch_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _prepare_output(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
-    """The output directory, checked; with --resume, the checkpoint found in it (options compared)."""
-    if cfg.resume:
-        output = Path(cfg.output).expanduser()
-        if (output / artifacts.META_FILE).is_file() and checkpoint.describe(output) is None:
-            raise AdaptextError(f"{output} holds a finished model: nothing to resume (--overwrite trains it again)")
-        state = checkpoint.load(output, cfg.to_dict())
-        echo(f"resume: continuing from the checkpoint at step {state['step']} in {output}")
-        return output, state
-    path = Path(cfg.output).expanduser()
-    found = checkpoint.describe(path) if path.is_dir() else None
-    if found and not cfg.overwrite:
-        raise AdaptextError(
-            f"{path} holds {found} of an unfinished run; pass --resume to continue it or --overwrite to start over"
-        )
-    output = artifacts.check_output(cfg.output, cfg.overwrite)
-    if found:  # --overwrite: the old run's checkpoint must not be resumed into this one
-        shutil.rmtree(output / checkpoint.FOLDER, ignore_errors=True)
-    return output, None
-
-
-def _warn_if_imbalanced(labels: list[int], class_names: list[str], cfg: config.TrainConfig, echo: Callable) -> None:
-    """Skewed training classes (largest/smallest >= data.SKEW_RATIO): the counts, and the remedies not in use."""
-    ratio, counts = data.skew(labels, class_names)
-    if ratio < data.SKEW_RATIO:
-        return
-    shown = [f"{names([name])} {n:,}" for name, n in counts.items()]
-    if len(shown) > 12:
-        shown = shown[:6] + [f"... {len(shown) - 10} more ..."] + shown[-4:]
-    what = f"training classes are imbalanced (largest/smallest {ratio:.1f}x): {', '.join(shown)}"
-    in_use = {"--class-weights": cfg.class_weights, "--loss focal": cfg.loss == "focal"}
-    losses = [flag for flag, used in in_use.items() if not used]
-    tips = [" and/or ".join(losses)] if losses else []
-    if cfg.metric != "macro_f1":
-        tips.append("--metric macro_f1 (keeps the epoch that is best over all classes, not the largest)")
-    if not tips:
-        echo(f"data: {what}; using --class-weights, --loss focal and --metric macro_f1")
-        return
-    echo(f"warning: {what}; accuracy can look good while small classes are missed: try {', and '.join(tips)}")
-
-
-def _warn_if_nothing_learned(
-    val: dict[str, Any],
-    labels: list[Any],
-    cfg: config.TrainConfig,
-    echo: Callable,
-    task: Task | None = None,
-    split: str = "validation",
-) -> None:
-    """A model no better than a constant answer has diverged or learned nothing: say so, say what to try."""
-    tip = f"training diverged or learned nothing; try a lower --lr (now {cfg.resolved_lr():g}) or more --epochs"
-    task = task or Task()
-    if task.kind == "regression":
-        if val["r2"] <= 0.0:
-            echo(f"warning: {split} R² {val['r2']:.3f} is no better than always predicting the mean: {tip}")
-        return
-    if task.kind == "multi-label":
-        if val["micro_f1"] == 0.0:
-            echo(f"warning: {split} micro-F1 is 0 (no label predicted right): {tip}")
-        return
-    majority = max(labels.count(c) for c in set(labels)) / len(labels)
-    if val["accuracy"] <= majority + 0.01:
-        echo(
-            f"warning: {split} accuracy {val['accuracy']:.3f} is no better than always answering the most "
-            f"common class ({majority:.3f}): {tip}"
-        )
-
-
-def _target_scale(model: torch.nn.Module, targets: list[float], echo: Callable) -> Task:
-    """Regression trains on standardised targets (well-conditioned whatever their scale); the head is
-    rescaled after training (tasks.fold_target_scale). A head without a bias cannot carry the mean: its
-    targets are only scaled, by their root mean square."""
-    values = np.asarray(targets, dtype=np.float64)
-    if tasks.output_layer(model).bias is None:
-        mean, std = 0.0, float(np.sqrt((values**2).mean()))
-    else:
-        mean, std = float(values.mean()), float(values.std())
-    echo(f"regression: targets mean {values.mean():.4g}, std {values.std():.4g} (trained standardised)")
-    return Task("regression", mean=mean, std=std or 1.0)
-
-
 @contextlib.contextmanager
 def _extra(what: str, echo: Callable[[str], None]) -> Iterator[None]:
     """Something written after the model (card, plot, logs): its failure is one warning, not a lost run.
@@ -601,51 +444,3 @@ def _extra(what: str, echo: Callable[[str], None]) -> Iterator[None]:
         yield
     except Exception as exc:
         echo(f"warning: could not write {what} ({reporting.cause(exc)}): the model is saved")
-
-
-def evaluate(
-    model_dir: str | Path,
-    data_spec: str | None = None,
-    split: str | None = None,
-    text_column: list[str] | None = None,
-    label_column: str | None = None,
-    batch_size: int = 64,
-    save: str | Path | None = None,
-    data_subset: str | None = None,
-    encoding: str = "utf-8",
-    limit: int | None = None,
-    base: str | None = None,
-    backend: str = "torch",
-    precision: str = "auto",
-) -> dict[str, Any]:
-    """Metrics of a trained model on a split or file (default: the data it was trained on, test split).
-
-    ``backend="onnx"``/``"onnx-int8"`` scores the ONNX export instead (see ``adaptext.export``). The metrics
-    record the ``precision`` that computed them (``auto``: see ``adaptext.precision``).
-    """
-    classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend, precision=precision)
-    cfg = config.saved_config(classifier.meta["config"])
-    spec = data_spec or cfg.data or str(data.demo_data_dir())
-    split_data = data.load_eval_split(
-        spec,
-        split,
-        classifier.class_names,
-        text_column or cfg.text_column,
-        label_column or cfg.label_column,
-        data_subset,
-        encoding,
-        task=classifier.task.kind,
-        separator=cfg.label_separator,
-    )
-    if limit is not None:
-        split_data = data.stratified_sample(split_data, limit, cfg.seed)
-    logits = classifier.logits(split_data.texts)
-    metrics = classifier.task.metrics(split_data.labels, logits, classifier.class_names)
-    metrics["precision"] = classifier.precision
-    if save is not None:
-        out = Path(save)
-        out.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(out / "eval_metrics.json", metrics)
-        if "confusion_matrix" in metrics:
-            save_confusion_png(metrics["confusion_matrix"], classifier.class_names, out / "confusion_matrix.png")
-    return metrics

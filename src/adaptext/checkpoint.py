@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adaptext import artifacts
 from adaptext.artifacts import atomic_path
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 
 FOLDER = "checkpoint"
@@ -148,3 +152,24 @@ def python_rng_to_tensor(rng: random.Random) -> dict[str, Any]:
 
 def python_rng_from_tensor(state: dict[str, Any]) -> tuple:
     return (state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss"])
+
+
+def prepare_output(cfg: TrainConfig, echo: Callable[[str], None]) -> tuple[Path, dict[str, Any] | None]:
+    """The output directory, checked; with --resume, the checkpoint found in it (options compared)."""
+    if cfg.resume:
+        output = Path(cfg.output).expanduser()
+        if (output / artifacts.META_FILE).is_file() and describe(output) is None:
+            raise AdaptextError(f"{output} holds a finished model: nothing to resume (--overwrite trains it again)")
+        state = load(output, cfg.to_dict())
+        echo(f"resume: continuing from the checkpoint at step {state['step']} in {output}")
+        return output, state
+    path = Path(cfg.output).expanduser()
+    found = describe(path) if path.is_dir() else None
+    if found and not cfg.overwrite:
+        raise AdaptextError(
+            f"{path} holds {found} of an unfinished run; pass --resume to continue it or --overwrite to start over"
+        )
+    output = artifacts.check_output(cfg.output, cfg.overwrite)
+    if found:  # --overwrite: the old run's checkpoint must not be resumed into this one
+        shutil.rmtree(output / FOLDER, ignore_errors=True)
+    return output, None

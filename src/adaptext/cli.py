@@ -152,10 +152,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from adaptext import api
+    from adaptext import evaluation  # lazy: torch loads only for the command that needs it
     from adaptext.metrics import format_report
 
-    metrics = api.evaluate(
+    metrics = evaluation.evaluate(
         args.model,
         args.data,
         args.split,

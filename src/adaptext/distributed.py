@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adaptext.batching import inference_batches, predict_logits
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 
 # accelerate's FSDP1 strategy names and numbers, as its config writes them, and what they mean here.
@@ -221,6 +222,22 @@ def shard_model(model: torch.nn.Module, group: Group) -> dict[str, int]:
         fully_shard(block, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     return units
+
+
+def shard_for_training(model: torch.nn.Module, cfg: TrainConfig, group: Group, echo: Callable[[str], None]) -> None:
+    """--shard: the model sharded with FSDP, after checking the run's options allow it; said in one line."""
+    if cfg.method == "adalora":
+        raise AdaptextError(
+            "--method adalora reallocates ranks from whole gradients, which FSDP shards; use lora or --shard none"
+        )
+    if cfg.compile:
+        raise AdaptextError("--compile with FSDP sharding (--shard) is not supported; drop one of them")
+    units = shard_model(model, group)
+    blocks = ", ".join(f"{count} {name}" for name, count in sorted(units.items()))
+    what = "weights, gradients and optimiser state" if cfg.shard == "full" else "gradients and optimiser state"
+    echo(
+        f"shard: FSDP {cfg.shard} over {group.world} processes ({what}; {sum(units.values())} units: {blocks}, and the root)"
+    )
 
 
 def reshard(model: torch.nn.Module) -> None:
