@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from adaptext import compare, config
+from adaptext import compare, config, options
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ("ag_news", "emotion", "trec", "sst2")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for name in args.datasets:
         folder = data_folder(name, args.data_dir, args.output / "data")
-        base = config.validate(
+        base = options.validate(
             config.TrainConfig(
                 data=str(folder), model=args.model, seed=1, test_size=args.test_size, max_length=args.max_length
             )

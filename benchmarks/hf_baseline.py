@@ -98,9 +98,10 @@ def load_data(
     data: str, train_size: int | None, test_size: int | None, seed: int, method: str, epochs: float, lr: float
 ) -> Any:
     """The same splits adaptext trains and tests on for these options (validated by adaptext's own checks)."""
-    from adaptext.config import TrainConfig, validate
+    from adaptext.config import TrainConfig
     from adaptext.data import load_training_data
     from adaptext.errors import AdaptextError
+    from adaptext.options import validate
 
     cfg = TrainConfig(
         data=data, train_size=train_size, test_size=test_size, seed=seed, method=method, epochs=epochs, lr=lr

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import adaptext
-from adaptext import compare, config
+from adaptext import compare, option_files, options
 from adaptext.errors import AdaptextError
 from conftest import run_cli
 
@@ -171,24 +171,24 @@ def test_refuses_an_unrelated_existing_directory(tiny_models, topic_dir, tmp_pat
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
-@pytest.mark.parametrize("name", config.preset_names())
+@pytest.mark.parametrize("name", option_files.preset_names())
 def test_presets_load_and_validate(name):
-    values, study = config.split_study(config.load_preset(name))
-    cfg = config.validate(config.from_dict(values, source=name))
+    values, study = option_files.split_study(option_files.load_preset(name))
+    cfg = options.validate(options.from_dict(values, source=name))
     assert cfg.model not in ("minilm", "mpnet"), "a preset names its original base model"
     assert cfg.data and cfg.method == "lora"
     assert set(study["methods"]) <= set(compare.ARMS)
 
 
 def test_preset_recipes_match_the_seeds():
-    assert set(config.preset_names()) == {
+    assert set(option_files.preset_names()) == {
         "bert-agnews-500", "roberta-agnews-r4", "bert-imdb-1000", "gpt2-agnews", "distilbert-imdb-r4"
     }  # fmt: skip
-    gpt2 = config.load_preset("gpt2-agnews")
+    gpt2 = option_files.load_preset("gpt2-agnews")
     assert [gpt2[k] for k in ("lora_r", "lora_alpha", "lr")] == [8, 32, 5e-4]
     assert gpt2["target_modules"] == ["c_attn", "c_proj"]
     assert (gpt2["train_size"], gpt2["test_size"], gpt2["methods"]) == (1250, 500, ["zero", "head", "lora"])
-    roberta = config.load_preset("roberta-agnews-r4")
+    roberta = option_files.load_preset("roberta-agnews-r4")
     assert [roberta[k] for k in ("lora_r", "scheduler", "warmup_steps", "epochs")] == [4, "cosine", 500, 5]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adaptext
-from adaptext import api, artifacts, compare, config, contrastive, data, models, policy, pooling, probe
+from adaptext import api, artifacts, compare, config, contrastive, data, models, options, policy, pooling, probe
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.train_state import planned_epochs, planned_steps
@@ -36,13 +36,13 @@ from conftest import SHARED_DATA, needs_shared_data, run_cli, topic_rows
     ],
 )
 def test_train_size_forms(given, parsed):
-    assert config.parse_train_size(given) == parsed
+    assert options.parse_train_size(given) == parsed
 
 
 @pytest.mark.parametrize("bad", ["0/class", "x/class", "8/classes", "8/foo", "-3/class", "2.5"])
 def test_bad_train_sizes_are_refused(bad):
     with pytest.raises(AdaptextError, match="--train-size"):
-        config.validate(TrainConfig(train_size=bad))
+        options.validate(TrainConfig(train_size=bad))
 
 
 def test_bad_train_size_on_the_command_line_is_one_line_and_exit_2(tmp_path):
@@ -67,11 +67,11 @@ def _frame_dir(tmp_path: Path, per_class: dict[str, int], validation: bool = Fal
 
 def test_per_class_sample_draws_n_of_each_class_by_seed(tmp_path):
     folder = _frame_dir(tmp_path, {"sports": 30, "money": 20, "space": 3})
-    first = data.load_training_data(config.validate(TrainConfig(data=str(folder), train_size="4/class", seed=1)))
+    first = data.load_training_data(options.validate(TrainConfig(data=str(folder), train_size="4/class", seed=1)))
     counts = Counter(first.class_names[i] for i in first.splits["train"].labels)
     assert counts == {"sports": 4, "money": 4, "space": 3}  # a class with fewer gives all it has
-    again = data.load_training_data(config.validate(TrainConfig(data=str(folder), train_size="4/class", seed=1)))
-    other = data.load_training_data(config.validate(TrainConfig(data=str(folder), train_size="4/class", seed=2)))
+    again = data.load_training_data(options.validate(TrainConfig(data=str(folder), train_size="4/class", seed=1)))
+    other = data.load_training_data(options.validate(TrainConfig(data=str(folder), train_size="4/class", seed=2)))
     assert first.splits["train"].texts == again.splits["train"].texts
     assert first.splits["train"].texts != other.splits["train"].texts
     # nothing outside the sample is used: no validation drawn from the rest, none carved from 11 examples
@@ -81,11 +81,11 @@ def test_per_class_sample_draws_n_of_each_class_by_seed(tmp_path):
 
 def test_per_class_ignores_the_datas_validation_split_unless_named(tmp_path):
     folder = _frame_dir(tmp_path, {"sports": 10, "money": 10}, validation=True)
-    plain = data.load_training_data(config.validate(TrainConfig(data=str(folder), train_size="2/class")))
+    plain = data.load_training_data(options.validate(TrainConfig(data=str(folder), train_size="2/class")))
     assert "validation" not in plain.splits
     assert any("'validation' split is not used" in note for note in plain.notes)
     named = data.load_training_data(
-        config.validate(TrainConfig(data=str(folder), train_size="2/class", validation_split="validation"))
+        options.validate(TrainConfig(data=str(folder), train_size="2/class", validation_split="validation"))
     )
     assert len(named.splits["validation"]) == 14
 
@@ -93,7 +93,7 @@ def test_per_class_ignores_the_datas_validation_split_unless_named(tmp_path):
 @pytest.mark.parametrize(("rows", "carved"), [(config.SMALL_DATA - 1, False), (config.SMALL_DATA, True)])
 def test_validation_is_carved_from_the_boundary_size_on(tmp_path, rows, carved):
     folder = _frame_dir(tmp_path, {"sports": rows - rows // 2, "money": rows // 2})
-    ds = data.load_training_data(config.validate(TrainConfig(data=str(folder))))
+    ds = data.load_training_data(options.validate(TrainConfig(data=str(folder))))
     assert ("validation" in ds.splits) is carved
     total = len(ds.splits["train"]) + len(ds.splits.get("validation", []))
     assert total == rows
@@ -101,7 +101,7 @@ def test_validation_is_carved_from_the_boundary_size_on(tmp_path, rows, carved):
 
 def test_validation_min_train_zero_always_carves(tmp_path):
     folder = _frame_dir(tmp_path, {"sports": 6, "money": 6})
-    ds = data.load_training_data(config.validate(TrainConfig(data=str(folder), validation_min_train=0)))
+    ds = data.load_training_data(options.validate(TrainConfig(data=str(folder), validation_min_train=0)))
     assert len(ds.splits["validation"]) > 0
 
 
@@ -119,7 +119,7 @@ def test_validation_min_train_zero_always_carves(tmp_path):
     ],
 )
 def test_min_steps_raises_epochs_on_small_data(rows, epochs, min_steps, expected_epochs, expected_steps):
-    cfg = config.validate(TrainConfig(epochs=epochs, min_steps=min_steps))
+    cfg = options.validate(TrainConfig(epochs=epochs, min_steps=min_steps))
     assert planned_epochs(rows, cfg) == pytest.approx(expected_epochs, rel=1e-3)
     assert planned_steps(rows, cfg)[2] == expected_steps
 
@@ -134,7 +134,7 @@ def test_policy_options_are_checked():
         ({"pooling": "max"}, "--pooling"),
     ):
         with pytest.raises(AdaptextError, match=message):
-            config.validate(TrainConfig(**kwargs))
+            options.validate(TrainConfig(**kwargs))
 
 
 # ---------------------------------------------------------------- pooling
@@ -270,7 +270,7 @@ def test_head_init_choices(tiny_models, topic_dir, tmp_path):
     assert not any(line.startswith("head:") for line in lines)
     assert artifacts.read_meta(tmp_path / "r")["head_init"] == {"kind": "random"}
     with pytest.raises(AdaptextError, match="--head-init probe is for single-label"):
-        policy.head_init(config.validate(TrainConfig(head_init="probe")), api.Task("regression"))
+        policy.head_init(options.validate(TrainConfig(head_init="probe")), api.Task("regression"))
 
 
 def test_refit_head_without_validation_is_the_logistic_regression():
@@ -332,24 +332,24 @@ def test_head_refit_choices_and_eight_classes_with_rank_eight(tiny_models, tmp_p
     lines, meta = run("on", pooling="native", head_refit="on")
     assert meta["head_refit"]["kept"] is True
     with pytest.raises(AdaptextError, match="--head-refit .always. is not one of auto, on, off"):
-        config.validate(TrainConfig(head_refit="always"))
+        options.validate(TrainConfig(head_refit="always"))
 
 
 def test_loss_auto_is_contrastive_only_for_small_single_label_data_with_a_probe_head():
-    cfg = config.validate(TrainConfig())
+    cfg = options.validate(TrainConfig())
     single, multi = api.Task("single-label"), api.Task("multi-label")
     assert policy.resolve_loss(cfg, single, "probe", validated=False) == "contrastive"
     assert policy.resolve_loss(cfg, single, "probe", validated=True) == "cross-entropy"  # validation picks epochs
     assert policy.resolve_loss(cfg, single, "random", validated=False) == "cross-entropy"
     assert policy.resolve_loss(cfg, multi, "random", validated=False) == "cross-entropy"
-    off = config.validate(TrainConfig(head_refit="off"))
+    off = options.validate(TrainConfig(head_refit="off"))
     assert policy.resolve_loss(off, single, "probe", validated=False) == "cross-entropy"
     with pytest.raises(AdaptextError, match="--loss contrastive is for single-label data; this is multi-label"):
-        policy.resolve_loss(config.validate(TrainConfig(loss="contrastive")), multi, "random", validated=False)
+        policy.resolve_loss(options.validate(TrainConfig(loss="contrastive")), multi, "random", validated=False)
     with pytest.raises(AdaptextError, match="--loss contrastive trains no head .*drop --head-refit off"):
-        config.validate(TrainConfig(loss="contrastive", head_refit="off"))
+        options.validate(TrainConfig(loss="contrastive", head_refit="off"))
     with pytest.raises(AdaptextError, match="--loss contrastive with --contrastive 0"):
-        config.validate(TrainConfig(loss="contrastive", contrastive=0))
+        options.validate(TrainConfig(loss="contrastive", contrastive=0))
 
 
 def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the_refit(
@@ -454,7 +454,7 @@ def test_setfit_arm_runs_on_the_same_splits_and_is_reported(curve):
             folder = out / "runs" / "2-per-class" / f"{method}-seed{seed}"
             cfg = json.loads((folder / artifacts.META_FILE).read_text())["config"]
             assert cfg["data_seed"] == seed and cfg["train_size"] == "2/class"
-            texts[method] = data.load_training_data(config.validate(TrainConfig(**cfg))).splits["train"].texts
+            texts[method] = data.load_training_data(options.validate(TrainConfig(**cfg))).splits["train"].texts
         assert texts["head"] == texts["setfit"]
     setfit_run = out / "runs" / "5-per-class" / "setfit-seed42"
     assert (setfit_run / "setfit" / "model.safetensors").is_file()

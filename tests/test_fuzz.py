@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from adaptext import api, config, data
+from adaptext import api, config, data, option_files, options
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from conftest import run_cli
@@ -84,7 +84,7 @@ def tally(outcome: str) -> None:
 
 def load(cfg: TrainConfig) -> data.TextDataset:
     """What adaptext train does first: validate the options, then load the data."""
-    return data.load_training_data(config.validate(cfg))
+    return data.load_training_data(options.validate(cfg))
 
 
 # ------------------------------------------------------------------ writing random tables
@@ -439,10 +439,10 @@ def test_config_files_are_options_or_one_line_errors(tmp_path, values, raw):
     for text in (yaml.safe_dump(values), raw):
         path = tmp_path / "run.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        loaded = refused_cleanly(config.load_file, path)
+        loaded = refused_cleanly(option_files.load_file, path)
         if loaded is not None:
             refused_cleanly(resolve, loaded, str(path))
 
 
 def resolve(values: dict[str, Any], source: str) -> config.TrainConfig:
-    return config.validate(config.from_dict(values, source=source))
+    return options.validate(options.from_dict(values, source=source))

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import adaptext
-from adaptext import api, config, data, policy
+from adaptext import api, data, options, policy
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.tasks import class_weight_tensor, focal_loss, make_loss
@@ -160,14 +160,14 @@ def test_skew_warning_is_printed_by_the_cli(tiny_models, tmp_path):
 )
 def test_bad_values_are_one_line_errors(values, expected):
     with pytest.raises(AdaptextError) as err:
-        config.validate(config.from_dict(values))
+        options.validate(options.from_dict(values))
     assert expected in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
 def test_yaml_numbers_pyyaml_reads_as_strings_are_numbers():
     # PyYAML reads 2e-3 (no dot) as a string; it used to reach a comparison and end in a TypeError.
     values = yaml.safe_load("lr: 2e-3\nfocal_gamma: '1'\nbatch_size: 8.0\nlayers: 1\n")
-    cfg = config.validate(config.from_dict(values))
+    cfg = options.validate(options.from_dict(values))
     assert (cfg.lr, cfg.focal_gamma, cfg.batch_size, cfg.layers) == (0.002, 1.0, 8, [1])
     assert isinstance(cfg.batch_size, int)
 
@@ -230,11 +230,11 @@ def test_compare_resume_treats_options_newer_than_a_run_as_their_defaults(tmp_pa
     from adaptext import compare
     from adaptext.artifacts import META_FILE
 
-    cfg = config.validate(TrainConfig(output=str(tmp_path / "run")))
+    cfg = options.validate(TrainConfig(output=str(tmp_path / "run")))
     saved = cfg.to_dict()
     del saved["loss"], saved["focal_gamma"]  # a run made before these options existed
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / META_FILE).write_text(json.dumps({"config": saved}))
     (tmp_path / "run" / "metrics.json").write_text("{}")
     assert compare.finished(cfg)
-    assert not compare.finished(config.validate(TrainConfig(output=str(tmp_path / "run"), loss="focal")))
+    assert not compare.finished(options.validate(TrainConfig(output=str(tmp_path / "run"), loss="focal")))

@@ -12,8 +12,9 @@ import pytest
 
 import adaptext
 from adaptext import api
-from adaptext.config import TrainConfig, validate
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
+from adaptext.options import validate
 from conftest import TOPICS, run_cli
 from test_tasks import write_mixed_dir
 

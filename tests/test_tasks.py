@@ -15,9 +15,10 @@ from torch import nn
 
 import adaptext
 from adaptext import api, data, evaluation, tasks
-from adaptext.config import TrainConfig, validate
+from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.metrics import multilabel_metrics, regression_metrics
+from adaptext.options import validate
 from adaptext.tasks import Task
 from conftest import TOPICS, assert_logits_close, assert_probs_close, logit_bound, run_cli
 from test_serve import Server

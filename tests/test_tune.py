@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptext import api, checkpoint, cli, config, tune
+from adaptext import api, checkpoint, cli, config, option_files, tune
 from adaptext.errors import AdaptextError
 from conftest import run_cli
 
@@ -107,9 +107,9 @@ def test_outputs_table_csv_best_yaml_and_link(study):
     table = [line.split() for line in second.stdout.splitlines()]
     assert ["trial", "state", "loss", "lr", "lora_r", "alpha_per_r", "lora_dropout", "top_layers", "epochs",
             "seconds"] in table and [f"{best.number}*", "complete", f"{best.value:.4f}"] in [r[:3] for r in table]  # fmt: skip
-    options = config.load_file(out / "best.yaml")
+    options = option_files.load_file(out / "best.yaml")
     assert "output" not in options and options["lr"] == best.params["lr"]
-    assert config.load_preset(str(out / "best.yaml")) == options  # usable as --preset as well
+    assert option_files.load_preset(str(out / "best.yaml")) == options  # usable as --preset as well
     assert json.loads((out / "tune.json").read_text())["results"]["best"]["number"] == best.number
 
 
@@ -384,6 +384,6 @@ def test_trial_options_and_direction(tmp_path):
 
 def test_preset_takes_a_yaml_path_or_a_shipped_name(tmp_path):
     (tmp_path / "mine.yaml").write_text("description: mine\nlr: 1.0e-3\nlora_r: 4\n")
-    assert config.load_preset(str(tmp_path / "mine.yaml")) == {"lr": 1e-3, "lora_r": 4}
+    assert option_files.load_preset(str(tmp_path / "mine.yaml")) == {"lr": 1e-3, "lora_r": 4}
     with pytest.raises(AdaptextError, match=r"unknown preset 'bert'; .* \(or give the path of a .yaml file"):
-        config.load_preset("bert")
+        option_files.load_preset("bert")

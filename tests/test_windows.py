@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adaptext
-from adaptext import api, config, models
+from adaptext import api, config, models, options
 from adaptext.batching import special_token_split, tokenize
 from adaptext.cli import build_parser
 from adaptext.errors import AdaptextError
@@ -157,7 +157,7 @@ def test_pooling_is_the_mean_or_max_of_each_texts_windows():
 
 
 def test_models_saved_before_the_options_read_as_before():
-    saved = config.saved_config  # how a saved model's adaptext.json config is read
+    saved = options.saved_config  # how a saved model's adaptext.json config is read
     assert Windowing.from_config(saved({"max_length": 64})) == Windowing(64, "truncate", 16, "mean", 0)
     assert not Windowing.from_config(saved({"max_length": 64, "long_text": "head+tail"})).sliding
     cfg = config.TrainConfig(max_length=128, long_text="sliding")
@@ -350,7 +350,7 @@ def test_saved_settings_are_migrated_explicitly_not_defaulted():
     from adaptext import artifacts, config
 
     assert config.TrainConfig().long_text == "head+tail"
-    old = config.saved_config({"max_length": 64, "not_an_option_any_more": 1})
+    old = options.saved_config({"max_length": 64, "not_an_option_any_more": 1})
     assert (old.long_text, old.stride, old.window_pool, old.max_windows, old.max_length) == (
         "truncate",
         None,
@@ -358,7 +358,7 @@ def test_saved_settings_are_migrated_explicitly_not_defaulted():
         0,
         64,
     )
-    assert config.saved_config({"max_length": 64, "long_text": "sliding"}).long_text == "sliding"
+    assert options.saved_config({"max_length": 64, "long_text": "sliding"}).long_text == "sliding"
     meta = artifacts.migrate_meta({"method": "lora", "config": {"max_length": 64}})
     assert meta["pooling"] == "native" and meta["task"] == {"kind": "single-label"} and meta["base_fingerprint"] == {}
     assert meta["config"]["long_text"] == "truncate" and "not_an_option_any_more" not in meta["config"]
@@ -382,7 +382,7 @@ def test_bad_window_options_are_refused_at_the_edge(options, message):
     values = dict(max_length=MAX_LENGTH, long_text="sliding", stride=STRIDE)
     values.update(options)
     with pytest.raises(AdaptextError, match=re.escape(message)):
-        config.validate(config.TrainConfig(**values))
+        options.validate(config.TrainConfig(**values))
 
 
 @pytest.mark.parametrize(

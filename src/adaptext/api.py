@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from adaptext import artifacts, checkpoint, config, data, distributed, models, policy, probe, reporting, tasks
+from adaptext import artifacts, checkpoint, config, data, distributed, models, options, policy, probe, reporting, tasks
 from adaptext import cache as feature_cache
 from adaptext.artifacts import library_versions, peak_rss_mb
 from adaptext.batching import pick_device, seed_everything
@@ -42,10 +42,10 @@ def resolve_config(cfg: config.TrainConfig | dict[str, Any] | None = None, **ove
     if cfg is None:
         cfg = config.TrainConfig()
     elif isinstance(cfg, dict):
-        cfg = config.from_dict(cfg)
+        cfg = options.from_dict(cfg)
     if overrides:
-        cfg = config.from_dict({**cfg.to_dict(), **overrides}, source="arguments")
-    return config.validate(cfg)
+        cfg = options.from_dict({**cfg.to_dict(), **overrides}, source="arguments")
+    return options.validate(cfg)
 
 
 def train(
@@ -359,7 +359,7 @@ def _load_data(cfg: config.TrainConfig, echo: Callable[[str], None]) -> tuple[da
         echo(f"data: {note}")
     task = Task(dataset.task)
     if task.kind == "regression":
-        config.check_regression_options(cfg)
+        options.check_regression_options(cfg)
     task.resolve_metric(cfg.metric)  # a metric the task has no figure for fails here, before any work
     if task.kind == "single-label":
         policy.warn_if_imbalanced(dataset.splits["train"].labels, dataset.class_names, cfg, echo)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptext import config
+from adaptext import options
 from adaptext.config import TrainConfig
 from adaptext.errors import AdaptextError
 from adaptext.models import ModelSource, load_classifier, load_tokenizer, resolve_model
@@ -178,7 +178,7 @@ class SavedSettings:
     @functools.cached_property
     def config(self) -> TrainConfig:
         """The training options the model was saved with (typed; built once: predict and serve read it per call)."""
-        return config.saved_config(self.meta["config"])
+        return options.saved_config(self.meta["config"])
 
     @property
     def max_length(self) -> int:
@@ -228,14 +228,14 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return migrate_meta(meta)
 
 
-# What a model saved before a setting was recorded did (see config.SAVED_BEFORE for the training options).
+# What a model saved before a setting was recorded did (see options.SAVED_BEFORE for the training options).
 META_SAVED_BEFORE: dict[str, Any] = {"pooling": "native", "task": {"kind": "single-label"}, "base_fingerprint": {}}
 
 
 def migrate_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """adaptext.json as this version reads it: every setting present, older files filled in explicitly,
     so nothing downstream guesses with ``.get(key, default)``."""
-    return {**META_SAVED_BEFORE, **meta, "config": config.saved_config(meta["config"]).to_dict()}
+    return {**META_SAVED_BEFORE, **meta, "config": options.saved_config(meta["config"]).to_dict()}
 
 
 def read_labels(folder: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import config
+from adaptext import options
 from adaptext.artifacts import is_peft
 from adaptext.windows import Windowing
 
@@ -29,7 +29,7 @@ def dataset_name(spec: str | None) -> str:
 
 
 def _long_text(cfg: dict[str, Any]) -> str:
-    windowing = Windowing.from_config(config.saved_config(cfg))
+    windowing = Windowing.from_config(options.saved_config(cfg))
     if not windowing.sliding:
         return f" ({windowing.long_text})"
     cap = f", at most {windowing.max_windows} per text" if windowing.max_windows else ""

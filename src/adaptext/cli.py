@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaptext import config
+from adaptext import config, option_files, options
 from adaptext.errors import AdaptextError
 
 
@@ -63,11 +63,11 @@ TUNE_KEYS = ("trials", "timeout", "study_name", "storage", "pruner", "space", "s
 
 def gather_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Preset, then config file, then command-line flags (later wins): training options and study keys."""
-    values = config.load_preset(args.preset) if getattr(args, "preset", None) else {}
+    values = option_files.load_preset(args.preset) if getattr(args, "preset", None) else {}
     if args.config:
-        values.update(config.load_file(args.config))
+        values.update(option_files.load_file(args.config))
     values.update(given_flags(args))
-    return config.split_study(values)
+    return option_files.split_study(values)
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from adaptext import api
 
     values, _ = gather_options(args)
-    outcome = api.train(config.from_dict(values, source=args.config or "arguments"), progress=not args.quiet)
+    outcome = api.train(options.from_dict(values, source=args.config or "arguments"), progress=not args.quiet)
     if not values.get("data"):  # the built-in set: show a few of its test headlines classified
         _show_samples(outcome.output)
     return 0
@@ -113,7 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = set(study.get("arms") or {}) - set(compare.ARMS)
     if not isinstance(study.get("arms") or {}, dict) or unknown:
         raise AdaptextError(f"arms: expected a mapping of method -> options (unknown: {', '.join(sorted(unknown))})")
-    base = config.validate(config.from_dict(values, source=args.config or "arguments"))
+    base = options.validate(options.from_dict(values, source=args.config or "arguments"))
     output = Path(base.output) if base.output else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     seeds = study.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool):
@@ -134,7 +134,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from adaptext import tune
 
     values, _ = gather_options(args)  # a preset's compare arms (methods, seeds) do not apply to a search
-    base = config.validate(config.from_dict(values, source=args.config or "arguments"))
+    base = options.validate(options.from_dict(values, source=args.config or "arguments"))
     plan = tune.Plan(
         base=base,
         output=Path(base.output) if base.output else Path(),
@@ -325,7 +325,7 @@ def _csv_rows(texts: list[str], results: list[dict[str, Any]], class_names: list
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
-        help="start from a shipped recipe (" + ", ".join(config.preset_names()) + ") or a .yaml file such as "
+        help="start from a shipped recipe (" + ", ".join(option_files.preset_names()) + ") or a .yaml file such as "
         "a tune study's best.yaml",
     )
     p.add_argument("--config", help="YAML/JSON file of options; flags given on the command line win")

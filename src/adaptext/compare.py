@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import artifacts, config
+from adaptext import artifacts, config, options
 from adaptext.artifacts import HEAD_FILE, META_FILE, write_json
 from adaptext.errors import AdaptextError
 
@@ -52,7 +52,7 @@ def parse_sizes(raw: list[str] | None) -> list[int | str] | None:
     """--train-sizes 8/class,64/class,500 -> ['8/class', '64/class', 500] (each checked as --train-size)."""
     if not raw:
         return None
-    sizes = [config.parse_train_size(item) for item in raw]
+    sizes = [options.parse_train_size(item) for item in raw]
     for size in sizes:
         if size is None or (isinstance(size, int) and size < 2):
             raise AdaptextError(f"--train-sizes: {size!r} is too small; give N >= 2 or N/class")
@@ -98,7 +98,7 @@ def arm_config(study: Study, method: str, seed_index: int, size: int | str | Non
         values["data_seed"] = values["seed"]
     values["output"] = str(run_dir(study.output, method, values["seed"], size if study.train_sizes else None))
     values["overwrite"] = True
-    return config.validate(config.from_dict(values, source=f"--set {method}"))
+    return options.validate(options.from_dict(values, source=f"--set {method}"))
 
 
 def run_dir(output: Path, method: str, seed: int, size: int | str | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from adaptext import config
+from adaptext import config, options
 from adaptext.errors import AdaptextError, names
 from adaptext.labels import (
     blank_rows,
@@ -292,7 +292,7 @@ def load_training_data(cfg: config.TrainConfig) -> TextDataset:
 
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     val_name = cfg.validation_split
-    per_class = config.per_class(cfg.train_size)
+    per_class = options.per_class(cfg.train_size)
     if val_name is None:
         val_name = next((n for n in ("validation", "valid", "dev") if n in tables), None)
         if per_class is not None and val_name is not None:  # N/class: every labelled example comes from the sample

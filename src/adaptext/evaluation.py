@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adaptext import artifacts, config, data
+from adaptext import artifacts, data, options
 from adaptext.metrics import save_confusion_png
 from adaptext.predict import load
 
@@ -32,7 +32,7 @@ def evaluate(
     record the ``precision`` that computed them (``auto``: see ``adaptext.precision``).
     """
     classifier = load(model_dir, batch_size=batch_size, base=base, backend=backend, precision=precision)
-    cfg = config.saved_config(classifier.meta["config"])
+    cfg = options.saved_config(classifier.meta["config"])
     spec = data_spec or cfg.data or str(data.demo_data_dir())
     split_data = data.load_eval_split(
         spec,

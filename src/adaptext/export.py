@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptext import artifacts, config
+from adaptext import artifacts, options
 from adaptext.artifacts import library_versions
 from adaptext.batching import check_texts, collate, predict_logits, sorted_batches
 from adaptext.errors import AdaptextError
@@ -116,7 +116,7 @@ class OnnxClassifier:
         self.meta = meta
         self.class_names = class_names
         self.batch_size = batch_size
-        saved = config.saved_config(meta["config"])
+        saved = options.saved_config(meta["config"])
         self.max_length = saved.max_length
         self.long_text = saved.long_text
         self.windowing = Windowing.from_config(saved)

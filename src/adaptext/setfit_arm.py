@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptext import artifacts, config, data, models
+from adaptext import artifacts, config, data, models, option_files, options
 from adaptext.artifacts import library_versions, peak_rss_mb
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) != 1:
             raise AdaptextError("usage: python -m adaptext.setfit_arm RUN_CONFIG.yaml")
-        run(config.validate(config.from_dict(config.load_file(argv[0]), source=argv[0])))
+        run(options.validate(options.from_dict(option_files.load_file(argv[0]), source=argv[0])))
     except AdaptextError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from adaptext import config
+from adaptext import config, options
 from adaptext.errors import AdaptextError
 
 # What the rank- and dropout-shaped options mean per method (see models._peft_config).
@@ -207,7 +207,7 @@ def trial_options(base: config.TrainConfig, params: dict[str, Any], folder: Path
     if "alpha_per_r" in params:
         values["lora_alpha"] = max(1, round(values["lora_r"] * params["alpha_per_r"]))
     values.update(output=str(folder), overwrite=True, resume=False)
-    return config.validate(config.from_dict(values, source="search space"))
+    return options.validate(options.from_dict(values, source="search space"))
 
 
 def describe(dim: Dimension) -> str:

@@ -48,7 +48,7 @@ class Windowing:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Windowing:
-        """From a run's config, or a saved model's (``config.saved_config``: older models migrated)."""
+        """From a run's config, or a saved model's (``options.saved_config``: older models migrated)."""
         return cls(
             cfg.max_length, cfg.long_text, resolve_stride(cfg.max_length, cfg.stride), cfg.window_pool, cfg.max_windows
         )
