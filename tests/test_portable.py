@@ -107,7 +107,7 @@ def test_minilm_adapter_names_its_hub_base_and_loads_elsewhere(tmp_path):
     assert artifacts.read_meta(output)["pooling"] == "mean"  # MiniLM's own: the snippet had to restore it
 
     # adaptext resolves the alias from the installed package, not from the Hub id (no HF cache here).
-    assert artifacts._base_source(artifacts.read_meta(copy)).path == str(model_dir)
+    assert artifacts.base_source(artifacts.read_meta(copy)).path == str(model_dir)
     np.testing.assert_allclose(adaptext.load(copy, precision="fp32").logits(PROBE_TEXTS), ours, atol=1e-5)
 
 

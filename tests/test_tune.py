@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptext import api, checkpoint, cli, config, option_files, tune
+from adaptext import api, checkpoint, cli, config, option_files, tune, tune_space
 from adaptext.errors import AdaptextError
 from conftest import run_cli
 
@@ -353,7 +353,7 @@ def test_missing_optuna_says_how_to_install(tiny_models, topic_dir, tmp_path, ca
 
 def test_default_space_follows_the_method_and_the_model_depth():
     def space(method, fixed=(), depth=6, **options):
-        return tune.default_space(config.TrainConfig(method=method, **options), depth, frozenset(fixed))
+        return tune_space.default_space(config.TrainConfig(method=method, **options), depth, frozenset(fixed))
 
     lora = space("lora")
     assert list(lora) == ["lr", "lora_r", "alpha_per_r", "lora_dropout", "top_layers"]
@@ -364,11 +364,13 @@ def test_default_space_follows_the_method_and_the_model_depth():
     assert list(space("lora", fixed=("lr", "lora_alpha"))) == ["lora_r", "lora_dropout", "top_layers"]
     assert "top_layers" not in space("lora", layers=[4, 5]) and "top_layers" not in space("lora", depth=1)
     assert space("lora", lr=0.5)["lr"].high == 0.5  # never past what --lr accepts
-    assert tune.top_layer_choices(12) == [0, 1, 2, 4, 6, 8] and tune.top_layer_choices(2) == [0, 1]
+    assert tune_space.top_layer_choices(12) == [0, 1, 2, 4, 6, 8] and tune_space.top_layer_choices(2) == [0, 1]
 
 
 def test_trial_options_and_direction(tmp_path):
-    cfg = tune.trial_options(config.TrainConfig(), {"lora_r": 16, "alpha_per_r": 4, "top_layers": 0}, tmp_path / "t")
+    cfg = tune_space.trial_options(
+        config.TrainConfig(), {"lora_r": 16, "alpha_per_r": 4, "top_layers": 0}, tmp_path / "t"
+    )
     assert (cfg.lora_r, cfg.lora_alpha, cfg.top_layers, cfg.output, cfg.overwrite) == (
         16,
         64,
@@ -377,7 +379,7 @@ def test_trial_options_and_direction(tmp_path):
         True,
     )
     with pytest.raises(AdaptextError, match="--top-layers does not apply to --method head"):
-        tune.trial_options(config.TrainConfig(method="head"), {"top_layers": 1}, tmp_path)
+        tune_space.trial_options(config.TrainConfig(method="head"), {"top_layers": 1}, tmp_path)
     assert [tune.direction(m) for m in ("loss", "mse", "rmse", "mae")] == ["minimize"] * 4
     assert [tune.direction(m) for m in ("accuracy", "macro_f1", "weighted_f1")] == ["maximize"] * 3
 

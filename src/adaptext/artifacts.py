@@ -248,7 +248,7 @@ def class_names_of(labels: dict[str, Any]) -> list[str]:
     return [labels["id2label"][str(i)] for i in range(labels["num_labels"])]
 
 
-def _base_source(meta: dict[str, Any]) -> ModelSource:
+def base_source(meta: dict[str, Any]) -> ModelSource:
     """The base model on this machine: alias first, then the recorded path, then the Hub id."""
     base = meta["base_model"]
     for candidate in (base["name"], base["path"], base.get("hub_id")):
@@ -270,7 +270,7 @@ def load_model(
     labels = read_labels(folder)
     class_names = class_names_of(labels)
     method = meta["method"]
-    source = resolve_model(base) if base else _base_source(meta)
+    source = resolve_model(base) if base else base_source(meta)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder), None))
     id2label = dict(enumerate(class_names))
     problem_type = Task.from_meta(meta).problem_type
@@ -286,7 +286,7 @@ def load_model(
         )
     else:
         model, _ = load_classifier(source, len(class_names), id2label, labels["pad_token_id"], problem_type, pooling)
-        _check_same_base(model, meta, source)
+        check_same_base(model, meta, source)
         if is_peft(method):
             model = _attach_adapter(model, folder, merge and method in MERGEABLE, method)
         else:
@@ -297,7 +297,7 @@ def load_model(
     return LoadedModel(model, tokenizer, meta, class_names, folder)
 
 
-def _check_same_base(model: nn.Module, meta: dict[str, Any], source: ModelSource) -> None:
+def check_same_base(model: nn.Module, meta: dict[str, Any], source: ModelSource) -> None:
     expected = meta["base_fingerprint"]
     actual = base_fingerprint(model)
     for key, value in expected.items():

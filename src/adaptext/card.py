@@ -139,16 +139,12 @@ def _precision_note(precision: str) -> str:
     )
 
 
-def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
-    cfg = meta["config"]
+def _hub_header(meta: dict[str, Any], final: dict[str, Any], folder_name: str, dataset: str, split: str) -> dict:
+    """The card's YAML front matter: what the Hub indexes (base model, library, task, model-index results)."""
     kind = (meta.get("task") or {}).get("kind", "single-label")
     base = meta["base_model"]
     base_id = base.get("hub_id") or base["name"]
-    dataset = dataset_name(cfg.get("data"))
-    final = metrics.get("test") or metrics.get("validation") or {}
-    split = "test" if metrics.get("test") else "validation"
-    precision = final.get("precision") or metrics["train"]["precision"]  # older metrics: the training's
-    header = {
+    return {
         "base_model": base_id,
         "library_name": "peft" if is_peft(meta["method"]) else "transformers",
         "pipeline_tag": "text-classification",
@@ -171,12 +167,15 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) 
             }
         ],
     }
-    params = meta["params"]
-    labels = ", ".join(meta["class_names"])
-    num_labels = len(meta["class_names"])
-    peft_snippet = ""
-    if is_peft(meta["method"]):
-        peft_snippet = f"""
+
+
+def _peft_snippet(meta: dict[str, Any], folder_name: str, num_labels: int) -> str:
+    """How to load the adapter with plain peft + transformers (PEFT methods only)."""
+    if not is_peft(meta["method"]):
+        return ""
+    base = meta["base_model"]
+    base_id = base.get("hub_id") or base["name"]
+    return f"""
 With plain `peft` + `transformers` (no adaptext needed):
 
 ```python
@@ -190,14 +189,34 @@ tokenizer = AutoTokenizer.from_pretrained("{folder_name}")
 ```
 {_base_note(base["path"], base_id, num_labels, folder_name)}
 """
+
+
+def _loss_words(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The loss in words: which one, its gamma, class weights."""
     used = meta.get("loss") or cfg.get("loss", "cross-entropy")
     if used == "auto":  # saved before the loss was recorded: auto meant cross-entropy then
         used = "cross-entropy"
     loss = used + (f" (gamma {cfg['focal_gamma']:g})" if used == "focal" else "")
     if used == "contrastive":
         loss = "supervised contrastive (the head refitted by logistic regression after training)"
-    if cfg.get("class_weights"):
-        loss += ", class-weighted"
+    return loss + (", class-weighted" if cfg.get("class_weights") else "")
+
+
+def model_card(meta: dict[str, Any], metrics: dict[str, Any], folder_name: str) -> str:
+    cfg = meta["config"]
+    kind = (meta.get("task") or {}).get("kind", "single-label")
+    base = meta["base_model"]
+    base_id = base.get("hub_id") or base["name"]
+    dataset = dataset_name(cfg.get("data"))
+    final = metrics.get("test") or metrics.get("validation") or {}
+    split = "test" if metrics.get("test") else "validation"
+    precision = final.get("precision") or metrics["train"]["precision"]  # older metrics: the training's
+    header = _hub_header(meta, final, folder_name, dataset, split)
+    params = meta["params"]
+    labels = ", ".join(meta["class_names"])
+    num_labels = len(meta["class_names"])
+    peft_snippet = _peft_snippet(meta, folder_name, num_labels)
+    loss = _loss_words(meta, cfg)
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
 ---

@@ -70,18 +70,7 @@ def run(cfg: config.TrainConfig, echo: Any = print) -> dict[str, Any]:
     with scratch:
         trainer.train()
     seconds = time.perf_counter() - started
-    task = Task()
-    metrics: dict[str, Any] = {"history": [], "best": None}
-    for split in ("validation", "test"):
-        if split not in dataset.splits:
-            continue
-        part = dataset.splits[split]
-        columns = np.asarray(model.predict_proba(part.texts, as_numpy=True), dtype=np.float64)
-        probs = np.zeros((len(part.texts), len(dataset.class_names)))
-        probs[:, [int(c) for c in model.model_head.classes_]] = columns  # a class absent from training: 0
-        logits = np.log(np.clip(probs, 1e-12, 1.0))  # softmax(log p) = p: the loss is SetFit's log loss
-        metrics[split] = task.metrics(part.labels, logits, dataset.class_names)
-        metrics[split]["precision"] = "fp32"
+    metrics: dict[str, Any] = {"history": [], "best": None, **_score(model, dataset)}
     body = sum(p.numel() for p in model.model_body.parameters())
     head = (model.model_body.get_sentence_embedding_dimension() + 1) * len(dataset.class_names)
     metrics["train"] = {
@@ -120,6 +109,22 @@ def run(cfg: config.TrainConfig, echo: Any = print) -> dict[str, Any]:
     if final:
         echo(f"{'test' if 'test' in metrics else 'validation'}: accuracy {final['accuracy']:.4f}  "
              f"macro-F1 {final['macro_f1']:.4f} ({seconds:.0f} s)")  # fmt: skip
+    return metrics
+
+
+def _score(model: Any, dataset: data.TextDataset) -> dict[str, Any]:
+    """Validation and test metrics from SetFit's probabilities (as logits whose softmax gives them back)."""
+    task, metrics = Task(), {}
+    for split in ("validation", "test"):
+        if split not in dataset.splits:
+            continue
+        part = dataset.splits[split]
+        columns = np.asarray(model.predict_proba(part.texts, as_numpy=True), dtype=np.float64)
+        probs = np.zeros((len(part.texts), len(dataset.class_names)))
+        probs[:, [int(c) for c in model.model_head.classes_]] = columns  # a class absent from training: 0
+        logits = np.log(np.clip(probs, 1e-12, 1.0))  # softmax(log p) = p: the loss is SetFit's log loss
+        metrics[split] = task.metrics(part.labels, logits, dataset.class_names)
+        metrics[split]["precision"] = "fp32"
     return metrics
 
 

@@ -15,9 +15,7 @@ parameters are tried again, from the checkpoint its training left when there is 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -27,25 +25,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adaptext import artifacts, checkpoint, config
 from adaptext.errors import AdaptextError
 from adaptext.tasks import Task, lower_is_better
-from adaptext.tune_space import (  # noqa: F401 (default_space, top_layer_choices: re-exported for callers of tune)
-    Dimension,
-    build_space,
-    default_space,
-    describe,
-    show,
-    top_layer_choices,
-    trial_options,
-)
+from adaptext.tune_results import MARKER, finish
+from adaptext.tune_space import Dimension, build_space, describe, show, trial_options
 
-MARKER = "tune.json"
 LOCK = ".tune.lock"
 PRUNERS = ("median", "none")
-NOT_SAVED = ("output", "overwrite", "resume")  # where a trial was written; best.yaml leaves them to the user
 
 
 def direction(metric: str) -> str:
@@ -198,7 +185,7 @@ def run_study(plan: Plan, echo: Callable[[str], None] = print, progress: bool = 
         seed = plan.sampler_seed if plan.sampler_seed is not None else plan.base.seed
         study.sampler = optuna.samplers.TPESampler(seed=(seed + len(study.trials)) % 2**32)
         _search(optuna, study, plan, space, echo, progress)
-        return _finish(optuna, study, plan, echo)
+        return finish(optuna, study, plan.output, plan.base.metric, plan.trials, echo)
 
 
 def _check_inputs(base: config.TrainConfig) -> tuple[int, str]:
@@ -382,65 +369,6 @@ def _take_over(
     return state["history"]
 
 
-def _finish(optuna: Any, study: Any, plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
-    """trials.csv, the table, best.yaml and the ``best`` link; the results in tune.json."""
-    output, metric = plan.output, plan.base.metric
-    trials = study.get_trials(deepcopy=False)
-    names = list(dict.fromkeys(n for t in trials for n in t.params))
-    rows = [
-        {"number": t.number, "state": t.state.name.lower(), "value": t.value, **{n: t.params.get(n) for n in names},
-         "epochs": t.user_attrs.get("epochs"), "seconds": t.user_attrs.get("seconds")}
-        for t in trials if t.state != optuna.trial.TrialState.WAITING
-    ]  # fmt: skip
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["number", "state", "value", *names, "epochs", "seconds"])
-    writer.writeheader()
-    writer.writerows(rows)
-    artifacts.write_text(output / "trials.csv", buffer.getvalue())
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = study.best_trial if complete else None
-    echo(_table(rows, names, metric, best.number if best else None))
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
-    results: dict[str, Any] = {"trials": len(rows), **counts, "best": None}
-    if best is None:
-        echo(f"no trial finished; see {output / 'logs'}")
-    else:
-        best_dir = output / best.user_attrs["dir"]
-        options = {k: v for k, v in best.user_attrs["config"].items() if k not in NOT_SAVED}
-        header = (
-            f"# adaptext tune, study {study.study_name}: best of {counts['complete']} complete trials "
-            f"({counts['pruned']} pruned)\n# trial {best.number}: validation {metric} {best.value:.6g}; "
-            f"model in {best_dir}\n# re-run: adaptext train --config best.yaml --output DIR (or --preset best.yaml)\n"
-        )
-        artifacts.write_text(output / "best.yaml", header + yaml.safe_dump(options, sort_keys=False))
-        _link(output / "best", Path(best.user_attrs["dir"]))
-        test = best.user_attrs.get("test") or {}
-        results["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           "dir": best.user_attrs["dir"], "validation": best.user_attrs.get("validation"), "test": test}  # fmt: skip
-        tested = f"; test {metric} {test[metric]:.4f}" if metric in test else ""
-        echo(f"best: trial {best.number}, validation {metric} {best.value:.4f}{tested} -> {output / 'best.yaml'}")
-    unfinished = plan.trials - counts["complete"] - counts["pruned"]
-    if unfinished > 0:
-        echo(f"{unfinished} of {plan.trials} trials still to run: re-run the same command to continue")
-    marker = output / MARKER
-    artifacts.write_json(marker, {**json.loads(marker.read_text(encoding="utf-8")), "results": results})
-    return results
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def _table(rows: list[dict[str, Any]], names: list[str], metric: str, best: int | None) -> str:
-    header = ["trial", "state", metric, *names, "epochs", "seconds"]
-    body = [
-        [f"{r['number']}{'*' if r['number'] == best else ''}", r["state"], "-" if r["value"] is None else f"{r['value']:.4f}",
-         *(show(r[n]) for n in names), show(r["epochs"]), show(r["seconds"] and round(r["seconds"]))]
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [header, *body])
-
-
 def _label(number: int, params: dict[str, Any]) -> str:
     return f"trial {number} " + " ".join(f"{n}={show(v)}" for n, v in params.items())
 
@@ -469,14 +397,3 @@ def _check_same_study(output: Path, saved: dict[str, Any], identity: dict[str, A
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
-
-
-def _link(path: Path, target: Path) -> None:
-    """``OUTPUT/best`` -> ``trials/NNNN``, swapped in atomically; skipped where symlinks are not allowed."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)
-        os.symlink(target, tmp, target_is_directory=True)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import hmac
 import importlib.resources
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,7 +212,6 @@ def page_html() -> str:
 def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
     """The ASGI app serving ``registry``'s adapters (loaded already; more can be hot-loaded)."""
     options = options or ServeOptions()
-    limits = options.limits
     metrics = Metrics()
     metrics.adapters.set(len(registry.adapters))
     registry.on_forward = metrics.forward_rows.observe
@@ -230,6 +230,15 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         lifespan=lifespan,
     )
     app.state.registry, app.state.batcher, app.state.metrics = registry, batcher, metrics
+    _add_error_handlers(app)
+    _add_operations(app, registry, batcher, metrics)
+    _add_api(app, registry, batcher, metrics, options)
+    return Guard(app, options.limits.max_body_bytes, metrics)
+
+
+def _auth(options: ServeOptions) -> tuple[Callable[[Request], None], Callable[[Request], None]]:
+    """The dependencies that guard the API (a bearer token, when --token is set) and the admin endpoints
+    (off without a token)."""
 
     def token_of(request: Request) -> str | None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -246,6 +255,12 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         if options.token is None:
             raise HTTPException(403, "admin endpoints are off: start adaptext serve with --token to enable them")
         check_token(request)
+
+    return check_token, check_admin
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as one JSON object with a one-line message (adaptext.serve.app.error)."""
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -266,6 +281,10 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def _add_operations(app: FastAPI, registry: Registry, batcher: Batcher, metrics: Metrics) -> None:
+    """The page, health, readiness and Prometheus endpoints."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -288,6 +307,12 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         """Prometheus text format: request counts and latency per endpoint, rows/texts/requests per micro-batch,
         rows per forward pass, texts per adapter."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_api(app: FastAPI, registry: Registry, batcher: Batcher, metrics: Metrics, options: ServeOptions) -> None:
+    """Classify, list adapters, and the admin endpoints that hot-load and unload adapters."""
+    check_token, check_admin = _auth(options)
+    limits = options.limits
 
     @app.get(f"/{API_VERSION}/adapters", tags=["adapters"], dependencies=[Depends(check_token)])
     async def list_adapters() -> dict[str, Any]:
@@ -341,5 +366,3 @@ def create_app(registry: Registry, options: ServeOptions | None = None) -> Any:
         metrics.adapters.set(len(registry.adapters))
         log.info("unloaded adapter %s", name)
         return {"unloaded": name}
-
-    return Guard(app, limits.max_body_bytes, metrics)
