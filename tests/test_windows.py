@@ -368,7 +368,7 @@ def test_saved_settings_are_migrated_explicitly_not_defaulted():
 
 
 @pytest.mark.parametrize(
-    "options,message",
+    "given,message",
     [
         (dict(stride=-1), "--stride -1: the overlap of consecutive windows must be at least 0"),
         (dict(stride=16), "less than --max-length 16"),
@@ -378,9 +378,9 @@ def test_saved_settings_are_migrated_explicitly_not_defaulted():
         (dict(long_text="truncate", stride=None, window_pool="max"), "--window-pool applies to --long-text sliding"),
     ],
 )
-def test_bad_window_options_are_refused_at_the_edge(options, message):
+def test_bad_window_options_are_refused_at_the_edge(given, message):
     values = dict(max_length=MAX_LENGTH, long_text="sliding", stride=STRIDE)
-    values.update(options)
+    values.update(given)
     with pytest.raises(AdaptextError, match=re.escape(message)):
         options.validate(config.TrainConfig(**values))
 
