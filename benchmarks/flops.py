@@ -83,13 +83,15 @@ def forward_flops(shape: Shape, seq_lens: list[int], layers: int | None = None) 
     return shape.layer_forward(seq_lens) * (shape.layers if layers is None else layers)
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
+def matmul_peak(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0, n: int | None = None
+) -> float:
     """Sustained FLOP/s of a square matmul (size chosen per device) on this machine right now.
 
     bf16/fp16 inputs are multiplied as such: what the pipelines' autocast matmuls run once their
     inputs are cast (the cast itself is the pipeline's cost, not the chip's peak).
     """
-    n = 8192 if device == "cuda" else 1024
+    n = n or (8192 if device == "cuda" else 1024)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
@@ -106,16 +108,16 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds
     return best
 
 
-def matmul_peaks(device: str = "cpu", seconds: float = 2.0) -> dict[str, float]:
+def matmul_peaks(device: str = "cpu", seconds: float = 2.0, n: int | None = None) -> dict[str, float]:
     """The matmul peak of every precision a pipeline may run in on this device, measured one after the
     other: fp32 and bf16, plus fp16 on CUDA (adaptext's ``auto`` there when bf16 is missing)."""
     names = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
-    peaks = {name: matmul_peak(DTYPES[name], device, seconds) for name in names}
+    peaks = {name: matmul_peak(DTYPES[name], device, seconds, n) for name in names}
     if device == "cpu":
         # torch's fp32 GEMM is not the fastest this CPU can do: on an AMD EPYC (Zen 5) it ran at 190
         # GFLOP/s where ONNX Runtime's ran at 390, and the ONNX rows then showed an MFU above 100%. The
         # peak is the chip's best measured rate, whichever library reaches it.
-        peaks["fp32"] = max(peaks["fp32"], onnxruntime_matmul_peak(seconds))
+        peaks["fp32"] = max(peaks["fp32"], onnxruntime_matmul_peak(seconds, n or 1024))
     return peaks
 
 

@@ -39,6 +39,7 @@ def study(tiny_models, topic_dir, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.processes
 def test_outputs_results_report_and_plots(study):
     out, _ = study
     results = json.loads((out / "results.json").read_text())
@@ -74,6 +75,7 @@ def chromium_path():
     return path
 
 
+@pytest.mark.processes
 def test_report_html_renders_its_plots_in_a_browser(study):
     from playwright.sync_api import sync_playwright
 
@@ -91,6 +93,7 @@ def test_report_html_renders_its_plots_in_a_browser(study):
     assert rows == 3
 
 
+@pytest.mark.processes
 def test_arms_flagged_at_or_below_chance(study):
     out, _ = study
     results = json.loads((out / "results.json").read_text())
@@ -101,6 +104,7 @@ def test_arms_flagged_at_or_below_chance(study):
         assert "at or below chance" in (out / "report.md").read_text()
 
 
+@pytest.mark.processes
 def test_every_arm_reloads_like_a_train_output(study):
     out, _ = study
     for folder in (out / "runs").iterdir():
@@ -108,6 +112,7 @@ def test_every_arm_reloads_like_a_train_output(study):
         assert row["label"] in ("money", "space", "sports")
 
 
+@pytest.mark.processes
 def test_rerun_skips_finished_arms_and_reruns_changed_ones(study, tiny_models, topic_dir):
     out, _ = study
     before = stamps(out)
@@ -123,6 +128,7 @@ def test_rerun_skips_finished_arms_and_reruns_changed_ones(study, tiny_models, t
     assert json.loads((out / "runs" / "lora-seed42" / "adaptext.json").read_text())["lr"] == 0.02
 
 
+@pytest.mark.processes
 def test_killed_midway_then_rerun_finishes_without_recomputing(tiny_models, topic_dir, tmp_path):
     out = tmp_path / "cmp"
     command = [sys.executable, "-m", "adaptext", "compare", "--data", str(topic_dir), "--model", str(tiny_models["bert"]),

@@ -49,6 +49,7 @@ def single_process(no_dropout_bert, topic_dir, tmp_path_factory):
     return one, single
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_two_gloo_processes_train_like_one(no_dropout_bert, topic_dir, tmp_path, single_process, precision):
     two = tmp_path / "two"
@@ -75,6 +76,7 @@ def test_two_gloo_processes_train_like_one(no_dropout_bert, topic_dir, tmp_path,
     assert leftovers == []  # no staging directory left by rank 1
 
 
+@pytest.mark.processes
 def test_two_processes_resume_from_a_checkpoint(no_dropout_bert, topic_dir, tmp_path, single_process):
     out = tmp_path / "run"
     common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--output", str(out))
@@ -116,6 +118,7 @@ def _same_training(one: Path, two: Path, topic_dir: Path) -> None:
         assert m1[split]["loss"] == pytest.approx(m2[split]["loss"], abs=2 * logit_bound(logits1)), split
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_fsdp_full_sharding_trains_like_one_process_and_saves_the_whole_head(
     no_dropout_bert, topic_dir, tmp_path, single_process
@@ -152,6 +155,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.processes
 def test_accelerate_launch_with_an_fsdp_config_shards_and_resumes_after_a_kill(
     no_dropout_bert, topic_dir, tmp_path, single_process
 ):
@@ -179,6 +183,7 @@ def test_accelerate_launch_with_an_fsdp_config_shards_and_resumes_after_a_kill(
     _same_training(single_process[0], out, topic_dir)
 
 
+@pytest.mark.processes
 def test_a_sharded_checkpoint_is_not_resumed_unsharded(no_dropout_bert, topic_dir, tmp_path):
     out = tmp_path / "run"
     common = ("train", "--data", str(topic_dir), "--model", str(no_dropout_bert), *ARGS, "--epochs", "1",
@@ -192,6 +197,7 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(no_dropout_bert, topic_di
     assert "these differ (shard: 'full' -> 'none')" in unsharded.stdout + unsharded.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_fsdp_full_fine_tuning_saves_a_model_that_evaluates_as_trained(no_dropout_bert, topic_dir, tmp_path):
     out = tmp_path / "full"

@@ -436,6 +436,7 @@ def curve(tiny_models, topic_dir, tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.processes
 def test_setfit_arm_runs_on_the_same_splits_and_is_reported(curve):
     out, stdout = curve
     assert "[8/8] setfit at 5/class seed 43" in stdout
@@ -461,6 +462,7 @@ def test_setfit_arm_runs_on_the_same_splits_and_is_reported(curve):
     assert json.loads((setfit_run / artifacts.META_FILE).read_text())["versions"]["setfit"] != "not installed"
 
 
+@pytest.mark.processes
 def test_learning_curve_table_and_plot(curve):
     out, _ = curve
     report = (out / "report.md").read_text()
@@ -471,6 +473,7 @@ def test_learning_curve_table_and_plot(curve):
     assert "At 2/class: Best arm" in report and "At 5/class: Best arm" in report
 
 
+@pytest.mark.processes
 def test_rerun_of_a_curve_skips_every_finished_run(curve, tiny_models, topic_dir):
     out, _ = curve
     again = run_cli(

@@ -20,6 +20,7 @@ TRAINING = (
 INFERENCE = ("adaptext.predict", "adaptext.export", "adaptext.serve.app", "adaptext.serve.server", "adaptext.artifacts")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("module", INFERENCE)
 def test_inference_modules_import_no_training_code(module):
     # A fresh interpreter: this test process has imported everything already.
@@ -32,6 +33,7 @@ def test_inference_modules_import_no_training_code(module):
     assert json.loads(done.stdout) == [], f"{module} pulls in training modules"
 
 
+@pytest.mark.processes
 def test_load_and_predict_run_without_training_code(tiny_models, topic_dir, tmp_path):
     """Not just the import: adaptext.load + predict on a saved LoRA model touch no training module."""
     from adaptext import api

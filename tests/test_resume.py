@@ -58,6 +58,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert steps(a) == steps(b)  # the log is whole: lines from before the crash, none twice
 
 
+@pytest.mark.processes
 def test_kill_9_midway_then_resume_ends_like_the_uninterrupted_run(tiny_models, topic_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -86,6 +87,7 @@ def test_kill_9_midway_then_resume_ends_like_the_uninterrupted_run(tiny_models, 
     assert_same_run(uninterrupted, out)
 
 
+@pytest.mark.processes
 def test_kill_9_inside_a_checkpoint_save_keeps_the_previous_one(tiny_models, topic_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed-in-save"
     env = {**os.environ, "ADAPTEXT_FAULT_KILL_IN_SAVE": "3"}  # die between writing and renaming save #3
@@ -101,6 +103,7 @@ def test_kill_9_inside_a_checkpoint_save_keeps_the_previous_one(tiny_models, top
     assert_same_run(uninterrupted, out)
 
 
+@pytest.mark.processes
 def test_resume_refusals_are_one_line(tiny_models, topic_dir, tmp_path, uninterrupted):
     cases = [
         (train_args(tiny_models, topic_dir, tmp_path / "nothing") + ["--resume"], "no checkpoint in"),

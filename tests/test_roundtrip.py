@@ -87,6 +87,7 @@ def plain_peft_logits(trained):
     return {folder: np.array(rows) for folder, rows in json.loads(plain.stdout).items()}
 
 
+@pytest.mark.processes
 @PARITY
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fresh_process_adaptext_and_plain_peft_agree(trained, plain_peft_logits, arch, precision):

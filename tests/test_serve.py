@@ -248,6 +248,7 @@ def server(adapters, tmp_path_factory):
     assert srv.proc.returncode == 0, srv.proc.stderr.read()
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_classify_answers_equal_predict_with_each_adapters_labels(server, adapters, precision):
     for name, folder in (
@@ -273,6 +274,7 @@ def test_classify_answers_equal_predict_with_each_adapters_labels(server, adapte
             )
 
 
+@pytest.mark.processes
 def test_listing_shows_one_shared_base_and_training_metrics(server):
     status, body = server.get("/v1/adapters")
     assert status == 200
@@ -289,6 +291,7 @@ def test_listing_shows_one_shared_base_and_training_metrics(server):
     assert len(body["bases"]) == 1 and sorted(body["bases"][0]["adapters"]) == ["binary", "binary-head", "topics"]
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_concurrent_requests_share_batches_and_stay_correct(server, adapters):
     names = ["topics", "binary", "binary-head"]
@@ -345,6 +348,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "method,path,body,token,headers,status,words", BAD_REQUESTS, ids=[f"{c[5]}-{c[6][:20]}" for c in BAD_REQUESTS]
 )
@@ -358,6 +362,7 @@ def test_bad_requests_get_a_clear_json_error_and_the_right_status(
     assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
 
 
+@pytest.mark.processes
 def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(server):
     import http.client
 
@@ -377,6 +382,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_a_content_length(serve
     assert response.status == 413 and "over 4,000 bytes" in json.loads(response.read())["error"]
 
 
+@pytest.mark.processes
 @pytest.mark.parity
 def test_hot_load_and_unload_with_the_admin_token(server, adapters):
     status, body = server.post("/v1/adapters", {"path": "late", "name": "late-binary"})
@@ -390,6 +396,7 @@ def test_hot_load_and_unload_with_the_admin_token(server, adapters):
     assert server.post("/v1/classify", {"adapter": "late-binary", "texts": ["a"]})[0] == 404
 
 
+@pytest.mark.processes
 def test_operations_endpoints_and_openapi(server):
     assert server.get("/healthz", token=None) == (200, {"status": "ok"})
     status, ready = server.get("/readyz", token=None)
@@ -407,6 +414,7 @@ def test_operations_endpoints_and_openapi(server):
     assert re.search(r"^adaptext_adapters_loaded 4\.0$", metrics, re.M)
 
 
+@pytest.mark.processes
 def test_without_a_token_admin_is_off_and_classify_is_open(adapters):
     srv = Server(["--adapters", str(adapters / "binary")], env={"ADAPTEXT_SERVE_TOKEN": ""})
     try:
@@ -419,6 +427,7 @@ def test_without_a_token_admin_is_off_and_classify_is_open(adapters):
     assert srv.proc.returncode == 0
 
 
+@pytest.mark.processes
 def test_the_page_classifies_in_a_browser(server, adapters):
     from playwright.sync_api import sync_playwright
 

@@ -150,6 +150,7 @@ def test_a_bad_trial_is_pruned(tiny_models, topic_dir, tmp_path, capsys):
     assert "holds a study with another search space (changed: lr)" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_killed_mid_trial_then_rerun_completes_the_study(tiny_models, topic_dir, tmp_path):
     out = tmp_path / "killed"
     command = args(tiny_models, topic_dir, out, "--trials", "3", "--epochs", "3")
@@ -211,6 +212,7 @@ def assert_retry_complete(out):
     assert [r["state"] for r in csv.DictReader((out / "trials.csv").open())] == ["fail", "complete"]
 
 
+@pytest.mark.processes
 def test_a_trial_killed_after_a_checkpoint_resumes_from_it(killed_in_a_save, tiny_models, topic_dir, tmp_path, capsys):
     out = copy_of(killed_in_a_save, tmp_path)
     step = torch.load(checkpoint_file(out, 0), weights_only=True)["step"]
@@ -248,6 +250,7 @@ def other_options(state_file):
     torch.save(state, state_file)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "damage,reason", [(corrupt, "cannot be read ("), (other_options, "was made with other options (lr: 0.5 -> ")]
 )
