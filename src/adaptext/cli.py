@@ -26,15 +26,15 @@ def _flag(name: str) -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
     for f in dataclasses.fields(config.TrainConfig):
-        kind = str(f.type)
+        kind = config.field_types()[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
-        if kind == "bool":
+        if kind.base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind.startswith("list"):
-            kwargs["type"] = _int_list if "int" in kind else _str_list
+        elif kind.is_list:
+            kwargs["type"] = _int_list if kind.base is int else _str_list
             kwargs["metavar"] = "A,B"
         else:
-            kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            kwargs["type"] = kind.base
         parser.add_argument(_flag(f.name), **kwargs)
 
 

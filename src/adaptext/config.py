@@ -8,6 +8,9 @@ be re-run as is with ``adaptext train --config``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +294,29 @@ def resolve_stride(max_length: int, stride: int | None) -> int:
 
 def field_help(cls: type = TrainConfig) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """What one option holds, from its resolved annotation: ``base`` (bool, int, float or str; the first
+    of a union such as train_size's ``str | int``), a list of them, and whether None is allowed."""
+
+    base: type
+    is_list: bool
+    optional: bool
+
+
+@functools.cache
+def field_types() -> dict[str, FieldType]:
+    """Each TrainConfig field's type, read from its annotation once (the CLI's flag types and the
+    validation's coercion both come from here)."""
+    found = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        base = next(a for a in args if a is not type(None))
+        is_list = typing.get_origin(base) is list
+        found[name] = FieldType(typing.get_args(base)[0] if is_list else base, is_list, type(None) in args)
+    return found
 
 
 # The sliding-window options, at the values that mean "no windows" (also what models saved before them read as).

@@ -28,7 +28,9 @@ from adaptext.config import (
     TOP_LAYER_METHODS,
     WINDOW_DEFAULTS,
     WINDOW_POOLS,
+    FieldType,
     TrainConfig,
+    field_types,
 )  # fmt: skip
 from adaptext.errors import AdaptextError
 
@@ -38,27 +40,26 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise AdaptextError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
 
 
-def _coerce(name: str, kind: str, value: Any) -> Any:
+def _coerce(name: str, kind: FieldType, value: Any) -> Any:
     """One value as its field's type. YAML hands over strings for numbers it does not recognise (PyYAML
     reads ``2e-3`` as a string: it wants ``2.0e-3``) and the Python API takes anything."""
     flag = "--" + name.replace("_", "-")
     if value is None:
-        if "None" in kind:
+        if kind.optional:
             return None
         raise AdaptextError(f"{flag} needs a value (got none)")
-    base = kind.split("|")[0].strip()
-    if base.startswith("list"):
+    if kind.is_list:
         values = value if isinstance(value, (list, tuple)) else [value]
-        return [_coerce(name, base[5:-1], v) for v in values]
-    if base == "bool":
+        item = dataclasses.replace(kind, is_list=False, optional=False)
+        return [_coerce(name, item, v) for v in values]
+    if kind.base is bool:
         if isinstance(value, bool):
             return value
         raise AdaptextError(f"{flag} must be true or false (got {value!r})")
-    if base == "str":
+    if kind.base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise AdaptextError(f"{flag} must be a single value (got {value!r})")
-    number = float if base == "float" else int
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise AdaptextError(f"{flag} must be a number (got {value!r})")
     try:
@@ -67,7 +68,7 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         raise AdaptextError(f"{flag} must be a number (got {value!r})") from None
     if not math.isfinite(converted):
         raise AdaptextError(f"{flag} must be a finite number (got {value!r})")
-    if number is int:
+    if kind.base is int:
         if not converted.is_integer():
             raise AdaptextError(f"{flag} must be a whole number (got {value!r})")
         return int(converted)
@@ -86,7 +87,7 @@ def parse_train_size(value: Any) -> int | str | None:
         return f"{int(count)}{PER_CLASS}"
     if isinstance(value, str) and "/" in value:
         raise AdaptextError(f"--train-size {value!r}: write N (examples) or N/class (examples of each class)")
-    return _coerce("train_size", "int | None", value)
+    return _coerce("train_size", FieldType(int, is_list=False, optional=True), value)
 
 
 def per_class(train_size: int | str | None) -> int | None:
@@ -111,7 +112,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if f.name == "train_size":
             cfg.train_size = parse_train_size(cfg.train_size)
             continue
-        setattr(cfg, f.name, _coerce(f.name, str(f.type), getattr(cfg, f.name)))
+        setattr(cfg, f.name, _coerce(f.name, field_types()[f.name], getattr(cfg, f.name)))
     for name, choices in CHOICES.items():
         _check_choice(name, getattr(cfg, name), choices)
     _check_task(cfg)
@@ -263,7 +264,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     cfg = TrainConfig(**values)
     for f in dataclasses.fields(TrainConfig):  # YAML may give a scalar where a list is expected
         value = getattr(cfg, f.name)
-        if "list" in str(f.type) and value is not None and not isinstance(value, list):
+        if field_types()[f.name].is_list and value is not None and not isinstance(value, list):
             setattr(cfg, f.name, [value])
     return cfg
 
