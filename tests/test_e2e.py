@@ -28,8 +28,8 @@ def agnews_model(tmp_path_factory):
     output = tmp_path_factory.mktemp("e2e") / "agnews"
     # fmt: off
     result = run_cli("train", "--data", str(SHARED_DATA / "ag_news"), "--train-size", "400", "--eval-size", "80",
-                     "--test-size", "200", "--epochs", "2", "--max-length", "64", "--seed", "1", "--output", str(output),
-                     "--quiet")
+                     "--test-size", "200", "--epochs", "2", "--min-steps", "0", "--max-length", "64", "--seed", "1",
+                     "--output", str(output), "--quiet")
     # fmt: on
     assert result.returncode == 0, result.stderr
     assert "newly initialised, trained and saved: classifier" in result.stdout
@@ -122,7 +122,7 @@ def sst2_model(tmp_path_factory):
     output = tmp_path_factory.mktemp("e2e") / "sst2"
     # fmt: off
     result = run_cli("train", "--data", str(SHARED_DATA / "sst2"), "--train-size", "300", "--eval-size", "80",
-                     "--test-size", "80", "--epochs", "1", "--max-length", "64", "--seed", "1", "--output", str(output),
+                     "--test-size", "80", "--epochs", "1", "--min-steps", "0", "--max-length", "64", "--seed", "1", "--output", str(output),
                      "--quiet")
     # fmt: on
     assert result.returncode == 0, result.stderr

@@ -218,7 +218,7 @@ def test_minilm_onnx_fp32_is_exact_and_int8_close(tmp_path):
     output = tmp_path / "agnews"
     # fmt: off
     result = run_cli("train", "--data", str(SHARED_DATA / "ag_news"), "--train-size", "300", "--eval-size", "40",
-                     "--test-size", "40", "--epochs", "1", "--max-length", "64", "--seed", "1",
+                     "--test-size", "40", "--epochs", "1", "--min-steps", "0", "--max-length", "64", "--seed", "1",
                      "--output", str(output), "--quiet")
     # fmt: on
     assert result.returncode == 0, result.stderr

@@ -95,8 +95,8 @@ def test_precision_bounds_follow_from_the_format():
 
     assert EPS["bf16"] == 2**-7 and EPS["fp16"] == 2**-10
     logits = np.array([[4.0, -2.0], [0.30, 0.29], [0.9, -0.9]])
-    assert logit_bound("bf16", logits) == pytest.approx(2 * 2**-7 * 4.0)
-    assert logit_bound("bf16", logits[1:]) == pytest.approx(2 * 2**-7)  # small logits: the scale is floored at 1
+    assert logit_bound("bf16", logits) == pytest.approx(4 * 2**-7 * 4.0)
+    assert logit_bound("bf16", logits[1:]) == pytest.approx(4 * 2**-7)  # small logits: the scale is floored at 1
     assert logit_bound("fp32", logits) == 1e-4
     # Row 1's top two are 0.01 apart, within twice the bound: its label may go either way in bf16.
     assert decided_rows(logits, logit_bound("bf16", logits)).tolist() == [True, False, True]

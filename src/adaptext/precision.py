@@ -9,15 +9,15 @@ Every result records the precision that produced it (metrics.json, adaptext.json
 predict outputs, the model card, serve's /v1/adapters). Two evaluations of one model agree:
 
 - in fp32 to float rounding (the tests hold logits to 1e-4, probabilities to 2e-5);
-- in bf16 (fp16) within ``logit_bound``: bf16 keeps 8 significant bits, so each evaluation rounds
-  the last activations and the head's output to within half a unit in the last place, eps/2
-  relative (eps = 2**-7); two evaluations that round differently (another batch shape, LoRA merged
-  or not, or fp32 on one side) can differ by up to eps of the logits' scale between them, and
-  ``logit_bound`` allows twice that. The scale is the largest logit, but at least ``SCALE_FLOOR``
+- in bf16 (fp16) within ``logit_bound``: bf16 keeps 8 significant bits (eps = 2**-7), and an
+  evaluation's roundings (weights, activations, the head's output) add up to a few eps of the
+  logits' scale away from the exact (fp32) logits: measured up to 1.2 eps for a tiny BERT with LoRA
+  merged into its bf16 weights, and 0.9 eps unmerged. ``logit_bound`` allows 2 eps per evaluation, so
+  two evaluations that round differently (another batch shape, LoRA merged or not, one of them in
+  fp32) agree within 4 eps of the scale (the same pair measured 2.2 eps apart). The scale is the largest logit, but at least ``SCALE_FLOOR``
   = 1: a logit is a dot product of the head's weights with normalised activations of order 1, and
   the rounding of those activations, not the logit's own size, is what moves a small one.
-  Differences in deeper layers are damped by each layer's normalisation. Measured on 8 tiny
-  architectures and MiniLM: at most 0.004 (0.25 eps of that scale). From the logit bound follow
+  Differences in deeper layers are damped by each layer's normalisation. From the logit bound follow
   the rest: a softmax probability moves at most half as much, a label changes only where the top
   two logits are closer than twice the bound, and a mean cross-entropy moves at most twice the bound.
 """
@@ -86,7 +86,7 @@ def logit_bound(precision: str, reference: np.ndarray) -> float:
     if precision == "fp32":
         return FP32_LOGIT_BOUND
     scale = float(np.abs(reference).max()) if np.size(reference) else 0.0
-    return 2 * EPS[precision] * max(scale, SCALE_FLOOR)
+    return 4 * EPS[precision] * max(scale, SCALE_FLOOR)
 
 
 def decided_rows(logits: np.ndarray, bound: float) -> np.ndarray:
