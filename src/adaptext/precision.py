@@ -12,7 +12,7 @@ predict outputs, the model card, serve's /v1/adapters). Two evaluations of one m
 - in bf16 (fp16) within ``logit_bound``: bf16 keeps 8 significant bits (eps = 2**-7), and an
   evaluation's roundings (weights, activations, the head's output) add up to a few eps of the
   logits' scale away from the exact (fp32) logits: measured up to 1.2 eps for a tiny BERT with LoRA
-  merged into its bf16 weights, and 0.9 eps unmerged. ``logit_bound`` allows 2 eps per evaluation, so
+  merged into its bf16 weights, and 0.9 eps unmerged (torch's bf16 on an AVX2 CPU). ``logit_bound`` allows 2 eps per evaluation, so
   two evaluations that round differently (another batch shape, LoRA merged or not, one of them in
   fp32) agree within 4 eps of the scale (the same pair measured 2.2 eps apart). The scale is the largest logit, but at least ``SCALE_FLOOR``
   = 1: a logit is a dot product of the head's weights with normalised activations of order 1, and
