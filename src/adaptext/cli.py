@@ -171,10 +171,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.texts and args.input:
         raise AdaptextError("give texts as arguments or --input FILE, not both")
     if args.input:
-        from adaptext.data import read_texts
-
-        texts = read_texts(args.input, args.text_column)
-    elif args.texts:
+        return _predict_bulk(args)
+    for flag in ("resume", "keep_columns"):
+        if getattr(args, flag):
+            raise AdaptextError(f"--{flag.replace('_', '-')} applies to --input FILE; give the texts as a file")
+    if args.texts:
         texts = args.texts
     else:
         raw = sys.stdin.buffer.read()
@@ -198,6 +199,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for text, row in zip(texts, results):
             print(result_line(row, text))
         print(f"precision: {precision}", file=sys.stderr)
+    return 0
+
+
+def _predict_bulk(args: argparse.Namespace) -> int:
+    """--input: read, score and write a chunk at a time (adaptext.bulk), whatever the input's size."""
+    from adaptext import bulk
+    from adaptext.bulk_input import CHUNK_ROWS, Source
+
+    source = Source(
+        args.input,
+        args.text_column,
+        args.keep_columns,
+        args.encoding,
+        CHUNK_ROWS if args.chunk_rows is None else args.chunk_rows,
+    )
+    job = bulk.Job(model=args.model, source=source, output=Path(args.output) if args.output else None,
+                   top_k=args.top_k, batch_size=args.batch_size, precision=args.precision, base=args.base,
+                   backend=args.backend, resume=args.resume, workers=args.workers, as_json=args.json,
+                   progress=not args.quiet)  # fmt: skip
+    summary = bulk.run(job)
+    if args.output:
+        print(summary.line())
+    else:
+        print(summary.line().replace("wrote", "printed", 1), file=sys.stderr)
     return 0
 
 
@@ -350,9 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts (arguments, stdin lines, or --input FILE)")
     p.add_argument("--model", required=True, help="output directory of adaptext train")
     p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
-    p.add_argument("--input", help="CSV/TSV/JSONL/Parquet file with a text column")
-    p.add_argument("--text-column", type=_str_list)
-    p.add_argument("--output", help="write predictions to this .csv or .jsonl file")
+    p.add_argument(
+        "--input",
+        help="CSV/TSV/JSONL/Parquet file, folder or glob of them, with a text column (read a chunk at a time)",
+    )
+    p.add_argument("--text-column", type=_str_list, help="the text column(s), comma-separated (default: detected)")
+    p.add_argument("--keep-columns", type=_str_list, help="--input columns to copy into the output (e.g. id)")
+    p.add_argument("--output", help="write predictions to this .csv, .jsonl or .parquet file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --input run from its finished parts")
+    p.add_argument(
+        "--workers", type=int, default=1, help="--input: score in this many processes (the cores shared out)"
+    )
+    p.add_argument("--chunk-rows", type=int, help="--input: rows read, scored and saved at a time (default 4096)")
+    p.add_argument("--encoding", default="utf-8", help="--input: text encoding of CSV/TSV/JSONL files")
+    p.add_argument("--quiet", action="store_true", help="--input: no progress on stderr")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--batch-size", type=int, default=64)

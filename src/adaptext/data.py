@@ -14,26 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from adaptext import config, options
 from adaptext.errors import AdaptextError, names
 from adaptext.labels import (
-    blank_rows,
     build_label_names,
-    cells,
     encode_labels,
     guess_task,
     raw_label_sets,
     raw_labels,
     raw_targets,
 )
-from adaptext.readers import Table, load_tables, read_table
+from adaptext.readers import Table, load_tables, pick_column, read_table, table_texts
 
-TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
 LABEL_CANDIDATES = ("label", "labels", "class", "category", "target", "sentiment", "y")
-# A text this long is a broken file, not a document: refuse it instead of tokenising megabytes.
-MAX_TEXT_CHARS = 1_000_000
 
 
 @dataclass
@@ -63,44 +57,6 @@ class TextDataset:
 # ---------------------------------------------------------------- columns and labels
 
 
-def _pick_column(
-    frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str, flag: str, origin: str
-) -> str:
-    columns = [str(c) for c in frame.columns]
-    if wanted is not None:
-        if wanted not in columns:
-            raise AdaptextError(f"{origin}: no {what} column {wanted!r} (columns: {names(columns, 20)}); fix {flag}")
-        return wanted
-    lowered = {c.lower(): c for c in columns}
-    for name in candidates:
-        if name in lowered:
-            return lowered[name]
-    raise AdaptextError(
-        f"{origin}: cannot tell which column holds the {what} (columns: {names(columns, 20)}); pass {flag}"
-    )
-
-
-def _texts(frame: pd.DataFrame, columns: list[str], origin: str) -> list[str]:
-    parts = []
-    for column in columns:
-        values = cells(frame, column, origin, "text")
-        bad = blank_rows(values)
-        if bad:
-            raise AdaptextError(
-                f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
-                f"{bad[0]}); remove or fill those rows"
-            )
-        parts.append([v if isinstance(v, str) else str(v) for v in values])
-    texts = [" ".join(row) for row in zip(*parts)]
-    for i, text in enumerate(texts):
-        if len(text) > MAX_TEXT_CHARS:
-            raise AdaptextError(
-                f"{origin}: row {i} is {len(text):,} characters long (limit {MAX_TEXT_CHARS:,}); "
-                "that is not one document: check the file's quoting and separators"
-            )
-    return texts
-
-
 def table_to_split(
     table: Table,
     text_columns: list[str] | None,
@@ -115,7 +71,7 @@ def table_to_split(
     if len(frame) == 0:
         raise AdaptextError(f"{table.origin} has no rows; give a file with examples")
     texts = table_texts(table, text_columns)
-    label_col = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    label_col = pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     if task == "regression":
         return Split(texts, raw_targets(frame, label_col, table.origin))
     if task == "multi-label":
@@ -133,7 +89,7 @@ def table_to_split(
 def table_label_names(
     table: Table, label_column: str | None, task: str = "single-label", separator: str | None = None
 ) -> tuple[list[str], bool]:
-    label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    label_col = pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     if task == "regression":
         return [label_col], False
     if task == "multi-label":
@@ -150,7 +106,7 @@ def resolve_task(table: Table, label_column: str | None, task: str) -> str:
     """--task auto, decided by the training table's label column (see guess_task)."""
     if task != "auto":
         return task
-    label_col = _pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
+    label_col = pick_column(table.frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     return guess_task(table.frame, label_col)
 
 
@@ -416,14 +372,6 @@ def load_eval_split(
     declared = True
     # Labels given as strings are looked up by class name; ints index the model's classes.
     return table_to_split(table, text_column, label_column, class_names, declared, task=task, separator=separator)
-
-
-def table_texts(table: Table, text_columns: list[str] | None) -> list[str]:
-    """The text of every row: the named columns joined, or the auto-detected text column."""
-    columns = text_columns or [_pick_column(table.frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
-    for column in columns:
-        _pick_column(table.frame, column, TEXT_CANDIDATES, "text", "--text-column", table.origin)
-    return _texts(table.frame, columns, table.origin)
 
 
 def read_texts(path: str, text_columns: list[str] | None = None, encoding: str = "utf-8") -> list[str]:

@@ -29,12 +29,14 @@ def shorten(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def cells(frame: pd.DataFrame, column: str, origin: str, what: str, lists: bool = False) -> list[Any]:
+def cells(
+    frame: pd.DataFrame, column: str, origin: str, what: str, lists: bool = False, first_row: int = 0
+) -> list[Any]:
     """A column's cells as plain Python scalars: numpy scalars unwrapped, bytes (Parquet binary columns)
     decoded as UTF-8; a list, array or mapping in a cell (a multi-label or nested file) is refused unless
     ``lists`` (multi-label labels), which passes lists and arrays on as lists."""
     out = []
-    for row, value in enumerate(frame[column].tolist()):
+    for row, value in enumerate(frame[column].tolist(), start=first_row):
         if isinstance(value, (bytes, bytearray)):
             try:
                 value = value.decode("utf-8")

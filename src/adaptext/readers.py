@@ -15,7 +15,11 @@ import pandas as pd
 
 from adaptext.errors import AdaptextError
 from adaptext.errors import names as names_of
+from adaptext.labels import blank_rows, cells
 
+TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
+# A text this long is a broken file, not a document: refuse it instead of tokenising megabytes.
+MAX_TEXT_CHARS = 1_000_000
 EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
 SPLIT_ALIASES = {
     "train": ("train",),
@@ -160,3 +164,55 @@ def load_tables(spec: str, subset: str | None = None, encoding: str = "utf-8") -
     if path.suffix.lower() in EXTENSIONS or spec.startswith((".", "/", "~")):
         raise AdaptextError(f"data file {spec!r} not found; check the path given to --data")
     return _load_hub(spec, subset)
+
+
+# ---------------------------------------------------------------- columns
+
+
+def pick_column(
+    frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str, flag: str, origin: str
+) -> str:
+    columns = [str(c) for c in frame.columns]
+    if wanted is not None:
+        if wanted not in columns:
+            raise AdaptextError(f"{origin}: no {what} column {wanted!r} (columns: {names_of(columns, 20)}); fix {flag}")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise AdaptextError(
+        f"{origin}: cannot tell which column holds the {what} (columns: {names_of(columns, 20)}); pass {flag}"
+    )
+
+
+def texts_of(frame: pd.DataFrame, columns: list[str], origin: str, first_row: int = 0) -> list[str]:
+    """The columns' cells joined by spaces, one text per row; rows are numbered from ``first_row`` in errors
+    (a chunk of a file read in parts)."""
+    parts = []
+    for column in columns:
+        values = cells(frame, column, origin, "text", first_row=first_row)
+        bad = blank_rows(values)
+        if bad:
+            raise AdaptextError(
+                f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
+                f"{bad[0] + first_row}); remove or fill those rows"
+            )
+        parts.append([v if isinstance(v, str) else str(v) for v in values])
+    texts = [" ".join(row) for row in zip(*parts)]
+    for i, text in enumerate(texts):
+        if len(text) > MAX_TEXT_CHARS:
+            raise AdaptextError(
+                f"{origin}: row {i + first_row} is {len(text):,} characters long (limit {MAX_TEXT_CHARS:,}); "
+                "that is not one document: check the file's quoting and separators"
+            )
+    return texts
+
+
+def table_texts(table: Table, text_columns: list[str] | None, first_row: int = 0) -> list[str]:
+    """The text of every row: the named columns joined, or the auto-detected text column (errors number
+    the rows from ``first_row``)."""
+    columns = text_columns or [pick_column(table.frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
+    for column in columns:
+        pick_column(table.frame, column, TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    return texts_of(table.frame, columns, table.origin, first_row)

@@ -1,0 +1,395 @@
+"""Bulk prediction: any number of texts in constant memory, with progress, resumable after a kill.
+
+``adaptext predict --input texts.parquet --output labels.parquet`` reads the input a chunk at a time
+(adaptext.bulk_input), scores each chunk (length-sorted batches within it) and writes it as a part
+file in ``labels.parquet.parts/`` with a manifest of the finished parts; at the end the parts are
+joined, in input order, into the output (written to a temporary name, then renamed) and the folder is
+removed. After a kill, ``--resume`` keeps every part the manifest lists and scores the rest: the joined
+output is the same as an uninterrupted run's, because the chunks are the same. The output file never
+exists before the last part is in it.
+
+Each part holds the chunk's logits (float32), not the formatted rows, so the join formats them with the
+same code as ``Classifier.predict``. ``--workers N`` scores chunks in N processes (one model each, the
+cores shared out); this process reads, writes and keeps the order.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaptext.artifacts import atomic_path, write_text
+from adaptext.bulk_input import Chunk, Source
+from adaptext.errors import AdaptextError
+from adaptext.outputs import check_output, prediction_file, result_line
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Job:
+    """One bulk prediction. ``output`` None prints to stdout (``as_json``: one JSON object per text)."""
+
+    model: str
+    source: Source
+    output: Path | None = None
+    top_k: int = 1
+    batch_size: int = 64
+    precision: str = "auto"
+    base: str | None = None
+    backend: str = "torch"
+    resume: bool = False
+    workers: int = 1
+    as_json: bool = False
+    progress: bool = True
+    threads: int | None = None  # per worker; default: the cores shared out
+
+
+@dataclass
+class Summary:
+    rows: int
+    computed: int  # rows scored by this run (the rest came from a resumed run's parts)
+    seconds: float
+    precision: str
+    output: Path | None
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", {self.rows - self.computed:,} from the finished parts" if self.computed < self.rows else ""
+        where = f" to {self.output}" if self.output else ""
+        return (f"wrote {self.rows:,} predictions{where} ({self.precision}) in {self.seconds:.1f} s, "
+                f"{rate:,.0f} texts/s{resumed}")  # fmt: skip
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(f"{output.name}.parts")
+
+
+def run(job: Job, echo: Callable[[str], None] = print) -> Summary:
+    """Score every text of ``job.source``; write the output (or print) and return what was done."""
+    if job.workers < 1:
+        raise AdaptextError(f"--workers {job.workers}: give 1 or more processes")
+    if job.resume and job.output is None:
+        raise AdaptextError("--resume continues a run that writes --output FILE; give the same --output")
+    if job.output is not None:
+        check_output(job.output)
+    started = time.perf_counter()
+    scorer = _scorer(job)
+    try:
+        if job.output is None:
+            computed, rows = _to_stdout(job, scorer, echo)
+        else:
+            computed, rows = _to_file(job, scorer)
+    finally:
+        scorer.close()
+    return Summary(rows, computed, time.perf_counter() - started, scorer.precision, job.output)
+
+
+# ---------------------------------------------------------------- scoring in this process or in workers
+
+
+class _Scorer:
+    """Logits for chunks, in the order the chunks were given, from one model in this process."""
+
+    def __init__(self, job: Job):
+        from adaptext.predict import load
+
+        if job.threads:
+            import torch
+
+            torch.set_num_threads(job.threads)
+        self.model = load(job.model, batch_size=job.batch_size, precision=job.precision, base=job.base,
+                          backend=job.backend)  # fmt: skip
+        self.precision = self.model.precision
+        self.class_names = self.model.class_names
+        self.task = self.model.task
+
+    def scored(self, chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, np.ndarray]]:
+        for chunk in chunks:
+            yield chunk, self.model.logits(chunk.texts)
+
+    def close(self) -> None:
+        pass
+
+
+class _Pool(_Scorer):
+    """The same, from N worker processes (spawned: each loads the model once); at most 2 chunks per
+    worker in flight, so memory stays bounded whatever the input's size."""
+
+    def __init__(self, job: Job):
+        context = multiprocessing.get_context("spawn")
+        self.tasks: Any = context.Queue()
+        self.results: Any = context.Queue()
+        threads = job.threads or max(1, (os.cpu_count() or 1) // job.workers)
+        settings = {"model": job.model, "batch_size": job.batch_size, "precision": job.precision, "base": job.base,
+                    "backend": job.backend, "threads": threads}  # fmt: skip
+        self.procs = [
+            context.Process(
+                target=_work, args=(settings, _device(i, job), self.tasks, self.results, os.getpid()), daemon=True
+            )  # fmt: skip
+            for i in range(job.workers)
+        ]
+        for proc in self.procs:
+            proc.start()
+        ready = [self._get() for _ in self.procs]
+        self.precision, self.class_names, self.task = ready[0][1]
+        self.limit = 2 * job.workers
+
+    def _get(self) -> Any:
+        while True:
+            try:
+                message = self.results.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in self.procs):
+                    raise AdaptextError(
+                        "a --workers process died (out of memory?); run again with fewer workers"
+                    ) from None
+                continue
+            if message[0] == "error":
+                raise AdaptextError(message[1])
+            return message
+
+    def scored(self, chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, np.ndarray]]:
+        waiting: dict[int, Chunk] = {}
+        done: dict[int, np.ndarray] = {}
+        order: list[int] = []
+        for chunk in chunks:
+            self.tasks.put((chunk.index, chunk.texts))
+            waiting[chunk.index] = chunk
+            order.append(chunk.index)
+            while len(waiting) - len(done) >= self.limit or (order and order[0] in done):
+                if order[0] in done:
+                    index = order.pop(0)
+                    yield waiting.pop(index), done.pop(index)
+                    continue
+                _, index, logits = self._get()
+                done[index] = logits
+        while order:
+            if order[0] not in done:
+                _, index, logits = self._get()
+                done[index] = logits
+                continue
+            index = order.pop(0)
+            yield waiting.pop(index), done.pop(index)
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _device(i: int, job: Job) -> str | None:
+    """Worker i's device: the i-th GPU when there are GPUs (torch backend), else the default."""
+    if job.backend != "torch":
+        return None
+    import torch
+
+    return f"cuda:{i % torch.cuda.device_count()}" if torch.cuda.is_available() else None
+
+
+def _work(settings: dict[str, Any], device: str | None, tasks: Any, results: Any, parent: int) -> None:
+    """A worker process: load the model once, then score chunks until told to stop (or the parent is gone)."""
+    try:
+        import torch
+
+        from adaptext.predict import load
+
+        torch.set_num_threads(settings["threads"])
+        model = load(settings["model"], device=device, batch_size=settings["batch_size"],
+                     precision=settings["precision"], base=settings["base"], backend=settings["backend"])  # fmt: skip
+        results.put(("ready", (model.precision, model.class_names, model.task)))
+        while True:
+            try:
+                item = tasks.get(timeout=5.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+            if item is None:
+                return
+            index, texts = item
+            results.put(("logits", index, model.logits(texts)))
+    except AdaptextError as exc:
+        results.put(("error", str(exc)))
+    except Exception as exc:  # reported by the parent as one line; the traceback would be a worker's
+        results.put(("error", f"a --workers process failed: {type(exc).__name__}: {exc}"))
+
+
+def _scorer(job: Job) -> _Scorer:
+    return _Pool(job) if job.workers > 1 else _Scorer(job)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _to_stdout(job: Job, scorer: _Scorer, echo: Callable[[str], None]) -> tuple[int, int]:
+    progress = Progress(job.source, job.progress and not sys.stdout.isatty())  # not between the lines
+    for chunk, logits in scorer.scored(job.source.chunks()):
+        for text, row in zip(chunk.texts, scorer.task.results(logits, scorer.class_names, job.top_k)):
+            if job.as_json:
+                echo(json.dumps({"text": text, **row, "precision": scorer.precision}, ensure_ascii=False))
+            else:
+                echo(result_line(row, text))
+        progress.advance(len(chunk), computed=True)
+    return progress.computed, progress.rows
+
+
+def _to_file(job: Job, scorer: _Scorer) -> tuple[int, int]:
+    assert job.output is not None
+    folder = parts_dir(job.output)
+    plan = {"version": PLAN_VERSION, "model": str(Path(job.model).resolve()), "base": job.base,
+            "backend": job.backend, "precision": scorer.precision, "class_names": scorer.class_names,
+            "input": job.source.fingerprint()}  # fmt: skip
+    manifest = _open_parts(folder, plan, job.resume, job.output)
+    finished = {part["index"]: part for part in manifest["parts"]}
+    progress = Progress(job.source, job.progress)
+    try:
+        chunks = _skipping(job.source.chunks(), finished, progress)
+        for chunk, logits in scorer.scored(chunks):
+            manifest["parts"].append(_write_part(folder, chunk, logits))
+            write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
+            progress.advance(len(chunk), computed=True)
+        progress.done()
+        _join(folder, manifest, job, scorer)
+    except AdaptextError:
+        shutil.rmtree(folder, ignore_errors=True)  # bad input: a fixed input is a new run, the parts are of no use
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    return progress.computed, progress.rows
+
+
+def _open_parts(folder: Path, plan: dict[str, Any], resume: bool, output: Path) -> dict[str, Any]:
+    """The manifest to continue (``--resume``) or a new one; parts of another run are refused."""
+    path = folder / "manifest.json"
+    if folder.exists() and not resume:
+        raise AdaptextError(
+            f"{folder} holds the parts of an interrupted run; pass --resume to continue it, or remove the folder"
+        )
+    if folder.exists() and path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("plan") != plan:
+            changed = [k for k in plan if manifest.get("plan", {}).get(k) != plan[k]]
+            raise AdaptextError(
+                f"--resume: the parts in {folder} were made with a different {', '.join(changed)}; "
+                "rerun with the same --model and --input (unchanged files), or remove the folder to start again"
+            )
+        listed = {p["file"] for p in manifest["parts"]}
+        for stray in folder.iterdir():  # a part written after the last manifest update: scored again
+            if stray.name != "manifest.json" and stray.name not in listed:
+                stray.unlink()
+        return manifest
+    folder.mkdir(exist_ok=True)
+    manifest = {"plan": plan, "parts": []}
+    write_text(path, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _skipping(chunks: Iterator[Chunk], finished: dict[int, Any], progress: Progress) -> Iterator[Chunk]:
+    for chunk in chunks:
+        if chunk.index in finished:
+            if finished[chunk.index]["rows"] != len(chunk):
+                raise AdaptextError(f"--resume: part {chunk.index} does not match the input; remove the parts folder")
+            progress.advance(len(chunk), computed=False)
+            continue
+        yield chunk
+
+
+def _write_part(folder: Path, chunk: Chunk, logits: np.ndarray) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, Any] = {"text": pa.array(chunk.texts, pa.string())}
+    for name, values in chunk.kept.items():
+        columns[f"kept:{name}"] = _arrow_column(values)
+    flat = pa.array(np.ascontiguousarray(logits, dtype=np.float32).reshape(-1))
+    columns["logits"] = pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])
+    name = f"part-{chunk.index:07d}.parquet"
+    with atomic_path(folder / name) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    return {"index": chunk.index, "file": name, "rows": len(chunk), "first_row": chunk.first_row}
+
+
+def _arrow_column(values: list[Any]) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in one chunk: kept as their text
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _join(folder: Path, manifest: dict[str, Any], job: Job, scorer: _Scorer) -> None:
+    import pyarrow.parquet as pq
+
+    assert job.output is not None
+    kept = job.source.keep_columns
+    with prediction_file(job.output, scorer.class_names, scorer.precision, kept) as writer:
+        for part in sorted(manifest["parts"], key=lambda p: p["index"]):
+            table = pq.read_table(folder / part["file"])
+            logits = np.asarray(table.column("logits").combine_chunks().flatten(), dtype=np.float32)
+            logits = logits.reshape(len(table), -1)
+            results = scorer.task.results(logits, scorer.class_names, job.top_k)
+            values = {c: table.column(f"kept:{c}").to_pylist() for c in kept}
+            writer.write(table.column("text").to_pylist(), results, values)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """Texts done, texts/s and the time left, on stderr: redrawn each second on a terminal, a line every
+    30 s otherwise (logs). The total is known for Parquet; for text files it is estimated from the bytes read."""
+
+    def __init__(self, source: Source, enabled: bool = True):
+        self.source, self.enabled = source, enabled
+        self.total = source.total_rows()
+        self.rows = self.computed = 0
+        self.started = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def advance(self, rows: int, computed: bool) -> None:
+        self.rows += rows
+        self.computed += rows if computed else 0
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= (1.0 if self.tty else 30.0):
+            self.last = now
+            print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = self.computed / elapsed
+        if self.total:
+            left, share = self.total - self.rows, self.rows / self.total
+        else:
+            share = self.source.bytes_done / max(self.source.total_bytes, 1)
+            left = int(self.rows / share - self.rows) if share > 0 else 0
+        eta = _duration(left / rate) if rate > 0 and left > 0 else "-"
+        of = f"/{self.total:,}" if self.total else ""
+        return f"predict: {self.rows:,}{of} texts ({share:.0%}), {rate:,.0f} texts/s, {eta} left   "
+
+    def done(self) -> None:
+        if self.enabled and self.tty and self.rows:
+            print("\r" + self.line(), file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
