@@ -17,7 +17,15 @@ TRAINING = (
     "adaptext.cache", "adaptext.probe", "adaptext.contrastive", "adaptext.compare", "adaptext.tune",
     "adaptext.data", "adaptext.reporting", "adaptext.setfit_arm", "adaptext.policy", "adaptext.evaluation",
 )  # fmt: skip
-INFERENCE = ("adaptext.predict", "adaptext.bulk", "adaptext.export", "adaptext.serve.app", "adaptext.serve.server", "adaptext.artifacts")
+INFERENCE = (
+    "adaptext.predict",
+    "adaptext.bulk",
+    "adaptext.ray_data",
+    "adaptext.export",
+    "adaptext.serve.app",
+    "adaptext.serve.server",
+    "adaptext.artifacts",
+)
 
 
 @pytest.mark.processes

@@ -29,10 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from adaptext.artifacts import atomic_path, write_text
+from adaptext import ray_data
+from adaptext.artifacts import atomic_path, class_names_of, read_labels, read_meta, write_text
 from adaptext.bulk_input import Chunk, Source
 from adaptext.errors import AdaptextError
 from adaptext.outputs import check_output, prediction_file, result_line
+from adaptext.predict import load
+from adaptext.tasks import Task
 
 PLAN_VERSION = 1
 
@@ -54,6 +57,7 @@ class Job:
     as_json: bool = False
     progress: bool = True
     threads: int | None = None  # per worker; default: the cores shared out
+    engine: str = "local"  # or "ray": Ray Data reads and scores (adaptext.ray_data)
 
 
 @dataclass
@@ -85,6 +89,8 @@ def run(job: Job, echo: Callable[[str], None] = print) -> Summary:
         raise AdaptextError("--resume continues a run that writes --output FILE; give the same --output")
     if job.output is not None:
         check_output(job.output)
+        if parts_dir(job.output).exists() and not job.resume:  # before loading anything
+            _open_parts(parts_dir(job.output), {}, False, job.output)
     started = time.perf_counter()
     scorer = _scorer(job)
     try:
@@ -104,8 +110,6 @@ class _Scorer:
     """Logits for chunks, in the order the chunks were given, from one model in this process."""
 
     def __init__(self, job: Job):
-        from adaptext.predict import load
-
         if job.threads:
             import torch
 
@@ -115,6 +119,10 @@ class _Scorer:
         self.precision = self.model.precision
         self.class_names = self.model.class_names
         self.task = self.model.task
+
+    def pairs(self, source: Source, finished: dict[int, Any], progress: Progress) -> Iterator[tuple[Chunk, np.ndarray]]:
+        """Each chunk of ``source`` not among the ``finished`` parts, with its logits, in input order."""
+        return self.scored(_skipping(source.chunks(), finished, progress))
 
     def scored(self, chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, np.ndarray]]:
         for chunk in chunks:
@@ -207,8 +215,6 @@ def _work(settings: dict[str, Any], device: str | None, tasks: Any, results: Any
     try:
         import torch
 
-        from adaptext.predict import load
-
         torch.set_num_threads(settings["threads"])
         model = load(settings["model"], device=device, batch_size=settings["batch_size"],
                      precision=settings["precision"], base=settings["base"], backend=settings["backend"])  # fmt: skip
@@ -230,7 +236,43 @@ def _work(settings: dict[str, Any], device: str | None, tasks: Any, results: Any
         results.put(("error", f"a --workers process failed: {type(exc).__name__}: {exc}"))
 
 
+class _RayScorer(_Scorer):
+    """Ray Data reads the input and runs ``job.workers`` actors (adaptext.ray_data.Predictor, one model
+    each); the batches come back here in input order."""
+
+    def __init__(self, job: Job):
+        if job.resume:
+            raise AdaptextError("--resume is not available with --engine ray; rerun without it")
+        folder = Path(job.model)
+        self.task = Task.from_meta(read_meta(folder))
+        self.class_names = class_names_of(read_labels(folder))
+        self.precision = job.precision  # the actors' resolved precision replaces it with the first batch
+        self.job = job
+        ray_data.start()
+
+    def pairs(self, source: Source, finished: dict[int, Any], progress: Progress) -> Iterator[tuple[Chunk, np.ndarray]]:
+        job = self.job
+        threads = job.threads or max(1, (os.cpu_count() or 1) // job.workers)  # each actor reserves its threads
+        kwargs = {"model": str(Path(job.model).resolve()), "text_column": source.text_columns, "batch_size": job.batch_size,
+                  "precision": job.precision, "backend": job.backend, "base": job.base, "with_logits": True,
+                  "keep": source.keep_columns, "threads": threads}  # fmt: skip
+        dataset = ray_data.read(source.files).map_batches(
+            ray_data.Predictor, fn_constructor_kwargs=kwargs, batch_format="pandas", batch_size=source.chunk_rows,
+            concurrency=job.workers, num_cpus=ray_data.actor_cpus(threads, job.workers),
+        )  # fmt: skip
+        row = 0
+        for index, batch in enumerate(dataset.iter_batches(batch_format="pandas", batch_size=None)):
+            self.precision = str(batch["precision"].iloc[0]) if len(batch) else self.precision
+            kept = {c: batch[c].tolist() for c in source.keep_columns}
+            logits = np.stack(batch["logits"].to_numpy()) if len(batch) else np.zeros((0, len(self.class_names)))
+            chunk = Chunk(index, row, batch["text"].tolist(), kept)
+            row += len(chunk)
+            yield chunk, logits
+
+
 def _scorer(job: Job) -> _Scorer:
+    if job.engine == "ray":
+        return _RayScorer(job)
     return _Pool(job) if job.workers > 1 else _Scorer(job)
 
 
@@ -239,7 +281,7 @@ def _scorer(job: Job) -> _Scorer:
 
 def _to_stdout(job: Job, scorer: _Scorer, echo: Callable[[str], None]) -> tuple[int, int]:
     progress = Progress(job.source, job.progress and not sys.stdout.isatty())  # not between the lines
-    for chunk, logits in scorer.scored(job.source.chunks()):
+    for chunk, logits in scorer.pairs(job.source, {}, progress):
         for text, row in zip(chunk.texts, scorer.task.results(logits, scorer.class_names, job.top_k)):
             if job.as_json:
                 echo(json.dumps({"text": text, **row, "precision": scorer.precision}, ensure_ascii=False))
@@ -253,14 +295,13 @@ def _to_file(job: Job, scorer: _Scorer) -> tuple[int, int]:
     assert job.output is not None
     folder = parts_dir(job.output)
     plan = {"version": PLAN_VERSION, "model": str(Path(job.model).resolve()), "base": job.base,
-            "backend": job.backend, "precision": scorer.precision, "class_names": scorer.class_names,
+            "backend": job.backend, "precision": job.precision, "engine": job.engine, "class_names": scorer.class_names,
             "input": job.source.fingerprint()}  # fmt: skip
     manifest = _open_parts(folder, plan, job.resume, job.output)
     finished = {part["index"]: part for part in manifest["parts"]}
     progress = Progress(job.source, job.progress)
     try:
-        chunks = _skipping(job.source.chunks(), finished, progress)
-        for chunk, logits in scorer.scored(chunks):
+        for chunk, logits in scorer.pairs(job.source, finished, progress):
             manifest["parts"].append(_write_part(folder, chunk, logits))
             write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
             progress.advance(len(chunk), computed=True)

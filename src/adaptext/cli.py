@@ -172,7 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise AdaptextError("give texts as arguments or --input FILE, not both")
     if args.input:
         return _predict_bulk(args)
-    for flag in ("resume", "keep_columns"):
+    for flag in ("resume", "keep_columns", "chunk_rows"):
         if getattr(args, flag):
             raise AdaptextError(f"--{flag.replace('_', '-')} applies to --input FILE; give the texts as a file")
     if args.texts:
@@ -217,7 +217,7 @@ def _predict_bulk(args: argparse.Namespace) -> int:
     job = bulk.Job(model=args.model, source=source, output=Path(args.output) if args.output else None,
                    top_k=args.top_k, batch_size=args.batch_size, precision=args.precision, base=args.base,
                    backend=args.backend, resume=args.resume, workers=args.workers, as_json=args.json,
-                   progress=not args.quiet)  # fmt: skip
+                   progress=not args.quiet, engine=args.engine)  # fmt: skip
     summary = bulk.run(job)
     if args.output:
         print(summary.line())
@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, help="--input: rows read, scored and saved at a time (default 4096)")
     p.add_argument("--encoding", default="utf-8", help="--input: text encoding of CSV/TSV/JSONL files")
     p.add_argument("--quiet", action="store_true", help="--input: no progress on stderr")
+    p.add_argument(
+        "--engine", default="local", choices=("local", "ray"),
+        help="--input: local (this machine's processes) or ray (Ray Data actors: a local cluster, or RAY_ADDRESS's)",
+    )  # fmt: skip
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--base", help="base model to load the adapter onto (default: the one recorded at training)")
     p.add_argument("--batch-size", type=int, default=64)

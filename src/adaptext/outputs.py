@@ -61,24 +61,11 @@ class PredictionWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns: dict[str, Any] = {c: kept[c] for c in self.kept} | {"text": texts}
-        if results and "value" in results[0]:
-            columns["value"] = [r["value"] for r in results]
-        else:
-            if results and "labels" in results[0]:
-                columns["labels"] = [r["labels"] for r in results]
-            else:
-                columns["label"] = [r["label"] for r in results]
-                columns["score"] = [r["score"] for r in results]
-            columns["top_k"] = [r["top_k"] for r in results]
-            for name in self.class_names:
-                columns[f"prob_{name}"] = [r["probabilities"][name] for r in results]
-        columns["precision"] = [self.precision] * len(texts)
+        columns = {c: kept[c] for c in self.kept} | {"text": texts}
+        table = pa.table(columns | prediction_columns(results, self.class_names, self.precision))
         if self._parquet is None:
-            table = pa.table(columns)
             self._parquet = pq.ParquetWriter(self._handle, table.schema)
         else:
-            table = pa.table(columns)
             try:
                 table = table.cast(self._parquet.schema)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
@@ -87,6 +74,25 @@ class PredictionWriter:
                     f"{self._parquet.schema}); make it one type or write .csv/.jsonl"
                 ) from None
         self._parquet.write_table(table)
+
+
+def prediction_columns(results: list[dict[str, Any]], class_names: list[str], precision: str) -> dict[str, list[Any]]:
+    """Predictions as columns (Parquet files, Ray Data batches): label, score, top_k, prob_<class>...
+    (single-label); labels, top_k, prob_<class>... (multi-label); value (regression); then precision."""
+    columns: dict[str, list[Any]] = {}
+    if results and "value" in results[0]:
+        columns["value"] = [r["value"] for r in results]
+    else:
+        if results and "labels" in results[0]:
+            columns["labels"] = [r["labels"] for r in results]
+        else:
+            columns["label"] = [r["label"] for r in results]
+            columns["score"] = [r["score"] for r in results]
+        columns["top_k"] = [r["top_k"] for r in results]
+        for name in class_names:
+            columns[f"prob_{name}"] = [r["probabilities"][name] for r in results]
+    columns["precision"] = [precision] * len(results)
+    return columns
 
 
 @contextmanager
