@@ -96,7 +96,7 @@ def pytest_configure(config):
 # pyproject's addopts turns off xdist's own reordering (most tests first), which put these few-test files last.
 HEAVY_FILES = (
     "test_benchmarks.py", "test_e2e.py", "test_distributed.py", "test_fewshot.py", "test_e2e_more.py",
-    "test_compare.py", "test_export.py",
+    "test_compare.py", "test_export.py", "test_bulk.py", "test_ray.py",
 )  # fmt: skip
 
 

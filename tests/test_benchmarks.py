@@ -138,3 +138,19 @@ def test_fewshot_table_puts_the_arms_side_by_side_with_the_published_figure():
         "| ag_news | 8/class | **0.850** ± 0.010 (0.840, 0.860) | **0.820** ± 0.010 (0.810, 0.830) | 30 | 30 | 0.831 | +3.0 |"
     )
     assert "⚠ chance" in lines[3] and "| failed |" in lines[3] and lines[3].endswith("| 0.391 | – |")
+
+
+@pytest.mark.processes
+def test_scale_quick_streams_and_reports_memory_and_throughput(tmp_path):
+    """benchmarks/scale.py --quick: a tiny model over 2,000 and 8,000 AG News rows, the in-memory baseline and
+    --workers in the same run; every figure is there and the output files held every row (checked inside)."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["rows"] for row in result["streamed"]] == [2000, 8000]
+    for row in [*result["streamed"], result["baseline"], result["workers"]]:
+        assert row["texts_per_s"] > 0 and row["seconds"] > 0
+    assert all(row["peak_rss_mb"] > 100 for row in result["streamed"])
+    assert "| 8,000 |" in done.stdout and "texts/s / in-memory" in done.stdout

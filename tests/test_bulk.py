@@ -24,7 +24,7 @@ def model(tiny_models, topic_dir, tmp_path_factory) -> Path:
     from adaptext import api
 
     output = tmp_path_factory.mktemp("bulk") / "model"
-    api.train(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(output), epochs=2, batch_size=8,
+    api.train(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(output), epochs=1, batch_size=8,
               max_length=32, seed=3, progress=False, echo=lambda line: None)  # fmt: skip
     return output
 

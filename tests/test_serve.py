@@ -212,9 +212,10 @@ class Server:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(timeout=30)
+            self.proc.communicate(timeout=30)  # drains and closes both pipes (no ResourceWarning, no blocked writer)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.communicate()
 
 
 @pytest.fixture(scope="module")
