@@ -197,7 +197,9 @@ def test_glob_with_a_file_missing_the_column_names_that_file(model, texts, tmp_p
     write(texts.rename(columns={"text": "body2"}), tmp_path / "b.parquet")
     clean_failure(predict(model, "--input", f"{tmp_path}/*.parquet", "--json"), "b.parquet", "--text-column")
     clean_failure(
-        predict(model, "--input", tmp_path / "a.parquet", "--keep-columns", "idx", "--json"), "no column idx", "--keep-columns"
+        predict(model, "--input", tmp_path / "a.parquet", "--keep-columns", "idx", "--json"),
+        "no column idx",
+        "--keep-columns",
     )
     clean_failure(predict(model, "--input", f"{tmp_path}/*.csv", "--json"), "matches no files")
     (tmp_path / "b.parquet").unlink()

@@ -223,7 +223,9 @@ def test_adapter_from_another_base_or_label_count(cli_model, tiny_models, tmp_pa
 
 def test_predict_output_errors_leave_nothing(cli_model, tmp_path):
     target = tmp_path / "preds.txt"
-    assert_clean_failure(run_cli("predict", "--model", str(cli_model), "--output", str(target), "hi"), ".csv or .jsonl")
+    assert_clean_failure(
+        run_cli("predict", "--model", str(cli_model), "--output", str(target), "hi"), ".csv, .jsonl or .parquet"
+    )
     assert not target.exists()
 
 

@@ -14,10 +14,11 @@ from adaptext.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The benchmark scripts the docs show with their own flags (benchmarks/gpu.sh takes none).
-BENCHMARK_SCRIPTS = ("run.py", "serve_load.py", "fewshot.py", "hf_baseline.py")
+BENCHMARK_SCRIPTS = ("run.py", "serve_load.py", "fewshot.py", "hf_baseline.py", "scale.py")
 LAUNCHERS = {  # torchrun's and accelerate launch's own
     "--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint",
     "--num_processes", "--use_fsdp", "--fsdp_version", "--fsdp_reshard_after_forward",
+    "--head", "--address",  # ray start's own
 }  # fmt: skip
 PIP_PYTEST = {"--no-deps", "--quiet", "--upgrade", "--index-url", "--dist", "--durations"}  # pip's and pytest's own
 

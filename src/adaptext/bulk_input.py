@@ -274,7 +274,14 @@ def _jsonl_frames(path: Path, chunk_rows: int, encoding: str, needed: Any) -> It
             raise AdaptextError(f"{path}: line {number} is not a JSON object; give one object per line")
         if columns is None:
             columns = needed([str(k) for k in record], path)
-        records.append({c: record.get(c) for c in columns})
+        row = {c: record.get(c) for c in columns}
+        for column, value in row.items():
+            if isinstance(value, str) and not _encodable(value):
+                raise AdaptextError(
+                    f"{path}: line {number} holds a lone surrogate escape in {column!r} (e.g. \\udc80), which "
+                    "is not text; fix that line"
+                )
+        records.append(row)
         if len(records) == chunk_rows:
             yield _frame(records, columns, offset), start
             start, records = start + len(records), []
@@ -292,6 +299,14 @@ def _frame(rows: list[Any], columns: list[str], end_byte: int) -> pd.DataFrame:
     )
     frame.attrs["end_byte"] = end_byte
     return frame
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _starts_with_array(path: Path, encoding: str) -> bool:
