@@ -61,6 +61,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def trained_tiny(tiny_models, topic_dir, tmp_path_factory) -> Path:
+    """A tiny BERT LoRA classifier trained one epoch on ``topic_dir``, saved: for tests that only predict."""
+    from adaptext import api
+
+    output = tmp_path_factory.mktemp("trained-tiny") / "model"
+    api.train(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(output), epochs=1, batch_size=8,
+              max_length=32, seed=3, progress=False, echo=lambda line: None)  # fmt: skip
+    return output
+
+
+@pytest.fixture(scope="session")
 def topic_dir(tmp_path_factory) -> Path:
     """A split directory (train.csv, validation.csv, test.csv) with string labels. The validation file is
     explicit: 120 training rows are too few to carve one from (--validation-min-train)."""

@@ -20,13 +20,8 @@ from conftest import assert_labels_agree, assert_probs_close, run_cli, topic_row
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models, topic_dir, tmp_path_factory) -> Path:
-    from adaptext import api
-
-    output = tmp_path_factory.mktemp("bulk") / "model"
-    api.train(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(output), epochs=1, batch_size=8,
-              max_length=32, seed=3, progress=False, echo=lambda line: None)  # fmt: skip
-    return output
+def model(trained_tiny) -> Path:
+    return trained_tiny
 
 
 @pytest.fixture(scope="module")

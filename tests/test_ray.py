@@ -21,13 +21,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models, topic_dir, tmp_path_factory) -> Path:
-    from adaptext import api
-
-    output = tmp_path_factory.mktemp("ray") / "model"
-    api.train(data=str(topic_dir), model=str(tiny_models["bert"]), output=str(output), epochs=1, batch_size=8,
-              max_length=32, seed=3, progress=False, echo=lambda line: None)  # fmt: skip
-    return output
+def model(trained_tiny) -> Path:
+    return trained_tiny
 
 
 def test_engine_ray_writes_the_same_file_as_adaptext_predict(cluster, model, tmp_path):

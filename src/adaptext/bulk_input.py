@@ -21,7 +21,7 @@ from typing import IO, Any
 import pandas as pd
 
 from adaptext.errors import AdaptextError, names
-from adaptext.readers import EXTENSIONS, TEXT_CANDIDATES, Table, read_table, table_texts
+from adaptext.readers import EXTENSIONS, TEXT_CANDIDATES, Table, pick_column, read_table, table_texts
 
 CHUNK_ROWS = 4096
 
@@ -120,7 +120,7 @@ class Source:
         """The columns to read from a file with these columns: the text column(s) and the kept ones; one
         line naming the file when one is missing."""
         frame = pd.DataFrame(columns=columns)
-        text = self.text_columns or [_detect_text(frame, path)]
+        text = self.text_columns or [pick_column(frame, None, TEXT_CANDIDATES, "text", "--text-column", str(path))]
         missing = [c for c in text + self.keep_columns if c not in columns]
         if missing:
             flag = "--keep-columns" if set(missing) <= set(self.keep_columns) - set(text) else "--text-column"
@@ -128,20 +128,11 @@ class Source:
         return list(dict.fromkeys(text + self.keep_columns))
 
     def _chunk(self, frame: pd.DataFrame, path: Path, index: int, row: int, first: int) -> Chunk:
-        text_columns = self.text_columns or [_detect_text(frame, path)]
+        text_columns = self.text_columns or [
+            pick_column(frame, None, TEXT_CANDIDATES, "text", "--text-column", str(path))
+        ]
         texts = table_texts(Table(frame, None, str(path)), text_columns, first_row=first)
         return Chunk(index, row, texts, {c: frame[c].tolist() for c in self.keep_columns})
-
-
-def _detect_text(frame: pd.DataFrame, path: Path) -> str:
-    lowered = {str(c).lower(): str(c) for c in frame.columns}
-    for name in TEXT_CANDIDATES:
-        if name in lowered:
-            return lowered[name]
-    raise AdaptextError(
-        f"{path}: cannot tell which column holds the text (columns: {names(list(lowered.values()), 20)}); "
-        "pass --text-column"
-    )
 
 
 def _position(frame: pd.DataFrame) -> int:

@@ -29,7 +29,7 @@ import pandas as pd
 from adaptext.errors import AdaptextError
 from adaptext.outputs import prediction_columns
 from adaptext.predict import load
-from adaptext.readers import TEXT_CANDIDATES, Table, table_texts
+from adaptext.readers import TEXT_CANDIDATES, Table, pick_column, table_texts
 
 
 class Predictor:
@@ -60,7 +60,9 @@ class Predictor:
         self.top_k, self.with_logits, self.keep = top_k, with_logits, keep or []
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        columns = self.text_columns or [_text_column(batch)]
+        columns = self.text_columns or [
+            pick_column(batch, None, TEXT_CANDIDATES, "text", "--text-column", "Ray Data batch")
+        ]
         texts = table_texts(Table(batch, None, "Ray Data batch"), columns)
         logits = self.classifier.logits(texts)
         if self.with_logits:
@@ -72,16 +74,6 @@ class Predictor:
         results = self.classifier.task.results(logits, self.classifier.class_names, self.top_k)
         added = prediction_columns(results, self.classifier.class_names, self.classifier.precision)
         return batch.assign(**added)
-
-
-def _text_column(batch: pd.DataFrame) -> str:
-    lowered = {str(c).lower(): str(c) for c in batch.columns}
-    for name in TEXT_CANDIDATES:
-        if name in lowered:
-            return lowered[name]
-    raise AdaptextError(
-        f"cannot tell which column holds the text (columns: {', '.join(lowered.values())}); pass --text-column"
-    )
 
 
 def read(files: list[Path]) -> Any:
