@@ -18,6 +18,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token cache entries (adaptext.token_store) of this run go to a scratch folder, not the user's ~/.cache.
+if "ADAPTEXT_TOKEN_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ADAPTEXT_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="adaptext-token-cache-")
 # Under pytest-xdist (-n 2: one worker per core) every process computes on one thread: two workers with
 # two OpenMP threads each on two cores spin against each other and run many times slower. Subprocesses
 # (the CLI, servers, torchrun) inherit it.

@@ -143,7 +143,8 @@ def test_fewshot_table_puts_the_arms_side_by_side_with_the_published_figure():
 @pytest.mark.processes
 def test_scale_quick_streams_and_reports_memory_and_throughput(tmp_path):
     """benchmarks/scale.py --quick: a tiny model over 2,000 and 8,000 AG News rows, the in-memory baseline and
-    --workers in the same run; every figure is there and the output files held every row (checked inside)."""
+    --workers in the same run; every figure is there and the output files held every row (checked inside);
+    and training preparation at the same sizes, twice each."""
     out = tmp_path / "scale.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -154,3 +155,10 @@ def test_scale_quick_streams_and_reports_memory_and_throughput(tmp_path):
         assert row["texts_per_s"] > 0 and row["seconds"] > 0
     assert all(row["peak_rss_mb"] > 100 for row in result["streamed"])
     assert "| 8,000 |" in done.stdout and "texts/s / in-memory" in done.stdout
+    # Training preparation: each size cold (tokenised into the cache) then warm (read from it; the script
+    # fails if the warm run tokenised again).
+    assert [row["rows"] for row in result["train_prep"]] == [2000, 8000]
+    for row in result["train_prep"]:
+        assert row["cold"]["tokenise_s"] > 0 and row["warm"]["tokenise_s"] == 0
+        assert row["cold"]["peak_rss_mb"] > 100 and row["warm"]["seconds"] > 0
+    assert "warm s (cache read)" in done.stdout

@@ -16,6 +16,7 @@ TRAINING = (
     "adaptext.train", "adaptext.train_state", "adaptext.api", "adaptext.checkpoint", "adaptext.dropout", "adaptext.distributed",
     "adaptext.cache", "adaptext.probe", "adaptext.contrastive", "adaptext.compare", "adaptext.tune",
     "adaptext.data", "adaptext.reporting", "adaptext.setfit_arm", "adaptext.policy", "adaptext.evaluation",
+    "adaptext.token_store",
 )  # fmt: skip
 INFERENCE = (
     "adaptext.predict",

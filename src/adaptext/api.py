@@ -26,6 +26,7 @@ from adaptext.pooling import of as pooling_of
 from adaptext.precision import resolve as resolve_precision
 from adaptext.stack import adapted_layers, num_layers
 from adaptext.tasks import Task
+from adaptext.token_store import encode as encode_rows
 from adaptext.train import train_loop
 from adaptext.train_state import TrainResult, planned_epochs, planned_steps
 from adaptext.windows import Windowing
@@ -97,7 +98,10 @@ def _train(
     tokenizer = models.load_tokenizer(source)
     # Tokenised first: with sliding windows the number of training rows (and so of steps) depends on it.
     windowing = Windowing.from_config(cfg)
-    encoded = {name: windowing.encode(tokenizer, split.texts) for name, split in dataset.splits.items()}
+    encoded = {  # flat arrays; large splits tokenised once into the token cache (adaptext.token_store)
+        name: encode_rows(windowing, tokenizer, split.texts, cfg.token_cache, echo, f"{name} texts")
+        for name, split in dataset.splits.items()
+    }
     train_labels = encoded["train"].per_row(dataset.splits["train"].labels)
     built = _build_model(cfg, source, dataset, task, tokenizer.pad_token_id, train_labels, echo)
     model, task = built.model, built.task

@@ -38,6 +38,7 @@ MIN_STEPS = 100  # measured: docs/RESULTS.md "Few labels"
 SMALL_DATA = 300  # fewer training examples than this: no validation carved (a tenth would be < 30 examples)
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
+TOKEN_CACHE = ("auto", "on", "off")
 SHARDING = ("none", "full", "grad-op")
 REPORT_TO = ("tensorboard", "mlflow")  # each is also the package it needs (adaptext.reporting)
 # Methods whose adapted layers can be limited (peft layers_to_transform), plus full fine-tuning.
@@ -171,6 +172,12 @@ class TrainConfig:
         "once and are cached (see --feature-cache): faster, at some accuracy on small data (docs/RESULTS.md, "
         "'Top layers'). Default: every layer.",
     )
+    token_cache: str = _f(
+        "auto",
+        "auto: splits of 10,000 texts or more are tokenised once into $ADAPTEXT_CACHE/tokens (default "
+        "~/.cache/adaptext/tokens), keyed by the texts, the tokenizer and the length settings, and later runs "
+        "map those files instead of tokenising again; on: every split; off: never.",
+    )
     feature_cache: str = _f(
         "auto",
         "auto: when nothing trains below some layer (head-only, --top-layers, --layers), run the layers "
@@ -187,6 +194,11 @@ class TrainConfig:
         MIN_STEPS,
         "Train at least this many optimiser steps: on small data, --epochs is raised to reach it (the line "
         "'schedule:' says so). 0: exactly --epochs.",
+    )
+    max_steps: int = _f(
+        0,
+        "Stop after this many optimiser steps, whatever --epochs and --min-steps say (the learning-rate "
+        "schedule and evaluations are planned over them): for data where one epoch is too long. 0: no cap.",
     )
     head_init: str = _f(
         "auto",

@@ -25,14 +25,14 @@ from adaptext.labels import (
     raw_labels,
     raw_targets,
 )
-from adaptext.readers import Table, load_tables, pick_column, read_table, table_texts
+from adaptext.readers import ArrowTexts, Table, load_tables, pick_column, read_table, release_memory, table_texts
 
 LABEL_CANDIDATES = ("label", "labels", "class", "category", "target", "sentiment", "y")
 
 
 @dataclass
 class Split:
-    texts: list[str]
+    texts: list[str] | ArrowTexts  # a large table's text column stays in Arrow (see readers.ArrowTexts)
     labels: list[Any]  # class ids; lists of class ids (multi-label); floats (regression)
 
     def __len__(self) -> int:
@@ -70,7 +70,7 @@ def table_to_split(
     frame = table.frame
     if len(frame) == 0:
         raise AdaptextError(f"{table.origin} has no rows; give a file with examples")
-    texts = table_texts(table, text_columns)
+    texts = table_texts(table, text_columns, arrow=True)
     label_col = pick_column(frame, label_column, LABEL_CANDIDATES, "label", "--label-column", table.origin)
     if task == "regression":
         return Split(texts, raw_targets(frame, label_col, table.origin))
@@ -212,7 +212,9 @@ def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 def _pick(split: Split, indices: list[int]) -> Split:
-    return Split([split.texts[i] for i in indices], [split.labels[i] for i in indices])
+    texts = split.texts
+    picked = texts.take(indices) if isinstance(texts, ArrowTexts) else [texts[i] for i in indices]
+    return Split(picked, [split.labels[i] for i in indices])
 
 
 # ---------------------------------------------------------------- entry points
@@ -298,6 +300,8 @@ def load_training_data(cfg: config.TrainConfig) -> TextDataset:
         splits["test"] = stratified_sample(convert(tables["test"]), cfg.test_size, seed)
     if task != "regression":
         _check_unseen(splits, class_names)
+    del tables, train_table  # a large table's columns: its texts live on in the splits (ArrowTexts) only
+    release_memory()
     return TextDataset(splits, class_names, spec, notes, task)
 
 

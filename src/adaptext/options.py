@@ -25,6 +25,7 @@ from adaptext.config import (
     SCHEDULERS,
     SHARDING,
     TASKS,
+    TOKEN_CACHE,
     TOP_LAYER_METHODS,
     WINDOW_DEFAULTS,
     WINDOW_POOLS,
@@ -99,11 +100,12 @@ def per_class(train_size: int | str | None) -> int | None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
     "head_refit": HEAD_REFITS, "scheduler": SCHEDULERS, "long_text": LONG_TEXT, "window_pool": WINDOW_POOLS,
-    "metric": METRICS, "task": TASKS, "loss": LOSSES, "feature_cache": FEATURE_CACHE, "shard": SHARDING,
+    "metric": METRICS, "task": TASKS, "loss": LOSSES, "feature_cache": FEATURE_CACHE, "token_cache": TOKEN_CACHE,
+    "shard": SHARDING,
 }  # fmt: skip
 POSITIVE = ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "log_every", "evals_per_epoch",
             "vera_r", "virtual_tokens")  # fmt: skip
-NOT_NEGATIVE = ("min_steps", "validation_min_train", "warmup_steps", "checkpoint_steps")
+NOT_NEGATIVE = ("min_steps", "max_steps", "validation_min_train", "warmup_steps", "checkpoint_steps")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

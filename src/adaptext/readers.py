@@ -7,11 +7,17 @@ Each reader returns a DataFrame plus the class names the source declares (Parque
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from adaptext.errors import AdaptextError
 from adaptext.errors import names as names_of
@@ -20,6 +26,14 @@ from adaptext.labels import blank_rows, cells
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "question", "body", "tweet")
 # A text this long is a broken file, not a document: refuse it instead of tokenising megabytes.
 MAX_TEXT_CHARS = 1_000_000
+try:  # glibc's malloc_trim (Linux); elsewhere nothing to call
+    _LIBC: Any = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 — present on glibc only
+except (OSError, AttributeError):
+    _LIBC = None
+# From this many rows a single text column stays one Arrow array (see ArrowTexts) instead of a Python string
+# per row: at a million texts the strings alone cost ~1 GB more than their bytes.
+ARROW_TEXTS_MIN_ROWS = 50_000
 EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
 SPLIT_ALIASES = {
     "train": ("train",),
@@ -209,10 +223,85 @@ def texts_of(frame: pd.DataFrame, columns: list[str], origin: str, first_row: in
     return texts
 
 
-def table_texts(table: Table, text_columns: list[str] | None, first_row: int = 0) -> list[str]:
+class ArrowTexts(Sequence[str]):
+    """Texts held as one Arrow string array (their UTF-8 bytes and an offset each), read like a list.
+
+    Indexing gives a Python string; slices and ``take`` give another ArrowTexts; iterating converts a
+    block at a time. Training on a large table keeps its texts this way until they are tokenised.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, array: pa.Array | pa.ChunkedArray) -> None:
+        self.array = array  # chunks as read: combining them would copy every text once more
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return ArrowTexts(self.array.slice(start, max(stop - start, 0)))
+            return self.take(range(start, stop, step))
+        return self.array[index].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), self.BLOCK):
+            yield from self.array.slice(start, self.BLOCK).to_pylist()
+
+    def take(self, indices: Any) -> ArrowTexts:
+        taken = self.array.take(pa.array(np.asarray(indices, dtype=np.int64)))
+        return ArrowTexts(taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken)
+
+    def to_list(self) -> list[str]:
+        return self.array.to_pylist()
+
+
+def _arrow_texts(frame: pd.DataFrame, column: str, origin: str, first_row: int) -> ArrowTexts | None:
+    """The column as ArrowTexts, checked like ``texts_of`` checks lists, when it is a large Arrow-backed
+    string column (pandas 3 reads strings so); None otherwise."""
+    series = frame[column]
+    dtype = series.dtype
+    if len(frame) < ARROW_TEXTS_MIN_ROWS or not (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"):
+        return None
+    array = series.array.__arrow_array__()  # the column's own Arrow chunks, not a copy
+    blank = pc.or_kleene(array.is_null(), pc.equal(pc.utf8_trim_whitespace(array), ""))
+    bad = np.flatnonzero(blank.fill_null(True).to_numpy(zero_copy_only=False))
+    if len(bad):
+        raise AdaptextError(
+            f"{origin}: {len(bad)} row(s) have an empty or missing {column!r} (first at row "
+            f"{bad[0] + first_row}); remove or fill those rows"
+        )
+    lengths = pc.utf8_length(array).to_numpy(zero_copy_only=False)
+    long = np.flatnonzero(lengths > MAX_TEXT_CHARS)
+    if len(long):
+        i = int(long[0])
+        raise AdaptextError(
+            f"{origin}: row {i + first_row} is {int(lengths[i]):,} characters long (limit {MAX_TEXT_CHARS:,}); "
+            "that is not one document: check the file's quoting and separators"
+        )
+    return ArrowTexts(array)
+
+
+def table_texts(
+    table: Table, text_columns: list[str] | None, first_row: int = 0, arrow: bool = False
+) -> list[str] | ArrowTexts:
     """The text of every row: the named columns joined, or the auto-detected text column (errors number
-    the rows from ``first_row``)."""
+    the rows from ``first_row``). With ``arrow``, a large single Arrow-backed column comes as ArrowTexts."""
     columns = text_columns or [pick_column(table.frame, None, TEXT_CANDIDATES, "text", "--text-column", table.origin)]
     for column in columns:
         pick_column(table.frame, column, TEXT_CANDIDATES, "text", "--text-column", table.origin)
+    if arrow and len(columns) == 1:
+        arrow_texts = _arrow_texts(table.frame, columns[0], table.origin, first_row)
+        if arrow_texts is not None:
+            return arrow_texts
     return texts_of(table.frame, columns, table.origin, first_row)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: Arrow's pool and glibc's heap keep what was freed for reuse,
+    so a large table read and dropped would otherwise stay in the resident set."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

@@ -64,7 +64,7 @@ def run(cfg: config.TrainConfig, echo: Any = print) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_dict({"text": train.texts, "label": list(train.labels)}),
+        train_dataset=Dataset.from_dict({"text": list(train.texts), "label": list(train.labels)}),
     )
     started = time.perf_counter()
     with scratch:

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,12 @@ class _Run:
         return self.state.trained_before + time.perf_counter() - self.started
 
 
+def row_lengths(ids: Sequence[list[int]]) -> list[int]:
+    """Tokens per row: from the offsets of flat rows (adaptext.token_store), else by measuring each list."""
+    lengths = getattr(ids, "lengths", None)
+    return lengths.tolist() if lengths is not None else [len(x) for x in ids]
+
+
 def _setup(
     model: nn.Module, train_ids: list[list[int]], train_labels: list[int], val_ids: list[list[int]],
     val_labels: list[int], class_names: list[str], pad_id: int, cfg: TrainConfig, log_path: Path | None,
@@ -267,7 +273,7 @@ def _setup(
         cfg=cfg, model=model, step_model=step_model, optimizer=optimizer, trainable=trainable,
         loss_fn=make_loss(cfg, train_labels, len(class_names), device, task),
         labels_all=task.label_tensor(train_labels, len(class_names)), task=task, metric=metric, group=group,
-        device=device, precision=precision, plan=plan, rng=rng, lengths=[len(x) for x in train_ids],
+        device=device, precision=precision, plan=plan, rng=rng, lengths=row_lengths(train_ids),
         train_ids=train_ids, val_ids=val_ids, val_labels=val_labels, class_names=class_names, pad_id=pad_id,
         pad_multiple=32 if cfg.compile else 8, features=features, val_pool=val_pool, contrastive=contrast,
         tap=FeatureTap() if contrast else None,

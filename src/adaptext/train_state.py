@@ -19,10 +19,13 @@ from adaptext.errors import AdaptextError
 
 
 def planned_epochs(n_train: int, cfg: TrainConfig) -> float:
-    """--epochs, raised on small data so that training takes at least --min-steps optimiser steps."""
+    """--epochs, raised on small data so that training takes at least --min-steps optimiser steps; with
+    --max-steps, exactly that many steps' worth of epochs."""
+    batches_per_epoch = max(math.ceil(n_train / cfg.batch_size), 1)
+    if getattr(cfg, "max_steps", 0):
+        return cfg.max_steps * cfg.grad_accum / batches_per_epoch
     if cfg.epochs == 0 or not getattr(cfg, "min_steps", 0):
         return cfg.epochs
-    batches_per_epoch = max(math.ceil(n_train / cfg.batch_size), 1)
     return max(cfg.epochs, cfg.min_steps * cfg.grad_accum / batches_per_epoch)
 
 

@@ -13,6 +13,7 @@ a reloaded model cuts and pools texts exactly as at training time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ from adaptext.errors import AdaptextError
 class TextRows:
     """Token ids of the model's rows, and the text each row came from (rows of a text are adjacent)."""
 
-    ids: list[list[int]]
-    text_index: list[int]
+    ids: Sequence[list[int]]  # a list, or for training a token_store.TokenRows (flat arrays)
+    text_index: Sequence[int]
     num_texts: int
 
     def per_row(self, values: list[Any]) -> list[Any]:
@@ -65,12 +66,46 @@ class Windowing:
 
     def encode(self, tokenizer: Any, texts: list[str]) -> TextRows:
         """The model rows of ``texts``: one each, or with sliding windows one per window."""
-        if not self.sliding:
-            return TextRows(
-                tokenize(tokenizer, texts, self.max_length, self.long_text), list(range(len(texts))), len(texts)
-            )
-        before, after = special_token_split(tokenizer)
+        ids: list[list[int]] = []
+        text_index: list[int] = []
+        for chunk_ids, chunk_index in self.chunks(tokenizer, texts):
+            ids += chunk_ids
+            text_index += chunk_index
+        return TextRows(ids, text_index, len(texts))
+
+    def chunks(self, tokenizer: Any, texts: Sequence[str]) -> Iterator[tuple[list[list[int]], list[int]]]:
+        """The rows of ``texts`` a block of texts at a time (the full encodings are heavy): each block's
+        token ids and the index of the text each row came from."""
+        self.check(tokenizer)
+        before, after = special_token_split(tokenizer) if self.sliding else (0, 0)
         budget = self.max_length - before - after  # text tokens per window
+        # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
+        filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = texts[start : start + TOKENIZE_CHUNK]
+            chunk = chunk if isinstance(chunk, list) else list(chunk)
+            if not self.sliding:
+                yield (
+                    tokenize(tokenizer, chunk, self.max_length, self.long_text),
+                    list(range(start, start + len(chunk))),
+                )
+                continue
+            ids: list[list[int]] = []
+            text_index: list[int] = []
+            # verbose=False: the whole text is wanted here, no warning about its length.
+            encoded = tokenizer(chunk, truncation=False, padding=False, verbose=False)["input_ids"]
+            for offset, seq in enumerate(encoded):
+                for window in split_windows(seq or [filler], before, after, budget, self.stride, self.max_windows):
+                    ids.append(window)
+                    text_index.append(start + offset)
+            yield ids, text_index
+
+    def check(self, tokenizer: Any) -> None:
+        """Sliding windows: refuse a --max-length or --stride that leaves a window no new text."""
+        if not self.sliding:
+            return
+        before, after = special_token_split(tokenizer)
+        budget = self.max_length - before - after
         if budget < 1:
             raise AdaptextError(
                 f"--max-length {self.max_length} leaves no room for text besides this tokenizer's "
@@ -82,19 +117,6 @@ class Windowing:
                 f"holds {budget} text tokens besides this tokenizer's {before + after} special tokens; "
                 f"pass a --stride below {budget}"
             )
-        # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
-        filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        ids: list[list[int]] = []
-        text_index: list[int] = []
-        for start in range(0, len(texts), TOKENIZE_CHUNK):  # chunks: the full encodings are heavy
-            chunk = texts[start : start + TOKENIZE_CHUNK]
-            # verbose=False: the whole text is wanted here, no warning about its length.
-            encoded = tokenizer(chunk, truncation=False, padding=False, verbose=False)["input_ids"]
-            for offset, seq in enumerate(encoded):
-                for window in split_windows(seq or [filler], before, after, budget, self.stride, self.max_windows):
-                    ids.append(window)
-                    text_index.append(start + offset)
-        return TextRows(ids, text_index, len(texts))
 
     def pool_logits(self, row_logits: np.ndarray, rows: TextRows) -> np.ndarray:
         """One row of logits per text: its windows' logits pooled (without windows, rows are texts)."""
