@@ -124,6 +124,26 @@ def test_min_steps_raises_epochs_on_small_data(rows, epochs, min_steps, expected
     assert planned_steps(rows, cfg)[2] == expected_steps
 
 
+@pytest.mark.parametrize(
+    ("rows", "loss", "small_data_epochs", "expected_epochs", "expected_steps", "why"),
+    [
+        (48, "contrastive", 12, 33.33, 100, "--epochs 3 raised to 33.3 to reach --min-steps 100"),  # 8/class x 6
+        (384, "contrastive", 12, 12, 288, "--epochs 3 raised to --small-data-epochs 12 (the contrastive loss alone)"),
+        (384, "cross-entropy", 12, 4.167, 100, "--epochs 3 raised to 4.17 to reach --min-steps 100"),
+        (384, "contrastive", 0, 4.167, 100, "--epochs 3 raised to 4.17 to reach --min-steps 100"),
+        (2000, "contrastive", 2, 3, 375, "--epochs 3)"),
+    ],
+)
+def test_the_contrastive_loss_alone_trains_at_least_small_data_epochs(
+    rows, loss, small_data_epochs, expected_epochs, expected_steps, why
+):
+    cfg = options.validate(TrainConfig(loss=loss, small_data_epochs=small_data_epochs))
+    assert planned_epochs(rows, cfg) == pytest.approx(expected_epochs, rel=1e-3)
+    assert planned_steps(rows, cfg)[2] == expected_steps
+    line = policy.schedule_line(cfg, rows, planned_epochs(rows, cfg), False, api.Task("single-label"))
+    assert line.startswith(f"{expected_steps} optimiser steps ({why}"), line
+
+
 def test_policy_options_are_checked():
     for kwargs, message in (
         ({"min_steps": -1}, "--min-steps"),
@@ -357,7 +377,7 @@ def test_contrastive_loss_with_validation_keeps_the_final_weights_and_scores_the
 ):
     lines: list[str] = []
     out = api.train(model=str(tiny_models["bert"]), data=str(topic_dir), epochs=2, min_steps=0, max_length=32,
-                    loss="contrastive", log_every=1, output=str(tmp_path / "c"), progress=False, echo=lines.append)  # fmt: skip
+                    loss="contrastive", small_data_epochs=0, log_every=1, output=str(tmp_path / "c"), progress=False, echo=lines.append)  # fmt: skip
     schedule = next(line for line in lines if line.startswith("schedule:"))
     assert "no validation split, so the final weights are kept; loss: supervised contrastive only, the head" in schedule
     refit = out.meta["head_refit"]

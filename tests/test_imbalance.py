@@ -209,7 +209,9 @@ def test_train_size_sample_and_validation_keep_skewed_class_shares(tmp_path):
 
 def test_carved_validation_keeps_skewed_class_shares(tmp_path):
     counts = {"big": 400, "small": 40, "tiny": 10}
-    ds = data.load_training_data(TrainConfig(data=str(skewed_file(tmp_path, counts)), validation_fraction=0.2))
+    ds = data.load_training_data(
+        TrainConfig(data=str(skewed_file(tmp_path, counts)), validation_fraction=0.2, validation_min_train=0)
+    )
     val = data.class_counts(ds.splits["validation"].labels, ds.class_names)
     assert val == {"big": 80, "small": 8, "tiny": 2}
 

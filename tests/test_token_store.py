@@ -165,7 +165,7 @@ def test_training_reuses_the_cache_and_trains_the_same_model(tiny_models, tmp_pa
     monkeypatch.setattr(readers, "ARROW_TEXTS_MIN_ROWS", 100)
     path = big_table(tmp_path, 150)
     common = ["train", "--data", path, "--model", tiny_models["bert"], "--max-length", "32", "--seed", "5",
-              "--token-cache", "on", "--max-steps", "6", "--quiet"]  # fmt: skip
+              "--token-cache", "on", "--max-steps", "6", "--validation-min-train", "0", "--quiet"]  # fmt: skip
     first = run_cli(*common, "--output", tmp_path / "a")
     second = run_cli(*common, "--output", tmp_path / "b")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
@@ -178,5 +178,5 @@ def test_training_reuses_the_cache_and_trains_the_same_model(tiny_models, tmp_pa
     assert a["validation"] == b["validation"]
     monkeypatch.setattr(readers, "ARROW_TEXTS_MIN_ROWS", 10**9)
     lists = api.train(data=str(path), model=str(tiny_models["bert"]), max_length=32, seed=5, token_cache="off",
-                      max_steps=6, output=str(tmp_path / "c"), progress=False, echo=lambda line: None)  # fmt: skip
+                      max_steps=6, validation_min_train=0, output=str(tmp_path / "c"), progress=False, echo=lambda line: None)  # fmt: skip
     assert lists.metrics["validation"] == a["validation"]

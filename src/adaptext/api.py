@@ -206,6 +206,8 @@ def _plan(
             f"overlap {windowing.stride}, {windowing.window_pool}-pooled per text for evaluation)"
         )
     processes = f" in {group.world} processes" if group.active else ""
+    auto_loss = cfg.loss == "auto"
+    cfg = dataclasses.replace(cfg, loss=loss)  # the schedule depends on the resolved loss (--small-data-epochs)
     epochs = planned_epochs(len(train_labels), cfg)
     echo(
         f"train: {examples} x {epochs:.3g} epochs, batch {cfg.batch_size}, "
@@ -217,7 +219,7 @@ def _plan(
     if cfg.epochs > 0:
         term = f"; contrastive term weight {contrast:g}" if contrast else ""
         if loss == "contrastive":
-            why = " (--loss auto: small data, no validation split)" if cfg.loss == "auto" else ""
+            why = " (--loss auto: small data, no validation split)" if auto_loss else ""
             term = f"; loss: supervised contrastive only{why}, the head is refitted after training"
         echo("schedule: " + policy.schedule_line(cfg, len(train_labels), epochs, selects, task) + term)
     features, cache_note = feature_cache.plan(model, cfg.method, cfg.feature_cache)
@@ -246,7 +248,11 @@ def _meta(
         "contrastive": plan.contrast,
         "loss": plan.loss,
         "head_refit": refit.to_dict() if refit else None,
-        "schedule": {"epochs": plan.epochs, "steps": planned_steps(rows, cfg)[2], "validation": plan.selects},
+        "schedule": {
+            "epochs": plan.epochs,
+            "steps": planned_steps(rows, dataclasses.replace(cfg, loss=plan.loss))[2],
+            "validation": plan.selects,
+        },
         "head_modules": built.head_modules,
         "target_modules": built.targets,
         "adapted_layers": built.layers,

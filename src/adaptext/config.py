@@ -35,7 +35,8 @@ LOSSES = ("auto", "cross-entropy", "focal", "contrastive")
 HEAD_INITS = ("auto", "probe", "random")
 HEAD_REFITS = ("auto", "on", "off")
 MIN_STEPS = 100  # measured: docs/RESULTS.md "Few labels"
-SMALL_DATA = 300  # fewer training examples than this: no validation carved (a tenth would be < 30 examples)
+SMALL_DATA_EPOCHS = 12  # with the contrastive loss alone; measured: docs/RESULTS.md "Few labels"
+SMALL_DATA = 1000  # fewer training examples than this: no validation carved; measured: docs/RESULTS.md "Few labels"
 MAX_FOCAL_GAMMA = 10.0
 FEATURE_CACHE = ("auto", "off")
 TOKEN_CACHE = ("auto", "on", "off")
@@ -104,9 +105,9 @@ class TrainConfig:
     validation_min_train: int = _f(
         SMALL_DATA,
         "Single-label: carve a validation split (when the data has none) only from at least this many training "
-        "examples. Below, "
-        "a tenth would be too few to pick an epoch by and too many to lose: every example trains, for a fixed "
-        "schedule (see --min-steps), and the final weights are kept. 0: always carve.",
+        "examples. Below, every example trains for a fixed schedule (see --small-data-epochs, --min-steps) and "
+        "the final weights are kept: a tenth of a few hundred examples picks epochs badly and costs more than it "
+        "gives (measured up to 960 examples: docs/RESULTS.md 'Few labels'). 0: always carve.",
     )
     train_size: str | int | None = _f(
         None,
@@ -194,6 +195,11 @@ class TrainConfig:
         MIN_STEPS,
         "Train at least this many optimiser steps: on small data, --epochs is raised to reach it (the line "
         "'schedule:' says so). 0: exactly --epochs.",
+    )
+    small_data_epochs: float = _f(
+        SMALL_DATA_EPOCHS,
+        "With the contrastive loss alone (--loss auto on small single-label data with no validation split, see "
+        "--validation-min-train): train at least this many epochs (the line 'schedule:' says so). 0: just --epochs.",
     )
     max_steps: int = _f(
         0,

@@ -105,7 +105,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 POSITIVE = ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "log_every", "evals_per_epoch",
             "vera_r", "virtual_tokens")  # fmt: skip
-NOT_NEGATIVE = ("min_steps", "max_steps", "validation_min_train", "warmup_steps", "checkpoint_steps")
+NOT_NEGATIVE = (
+    "min_steps",
+    "max_steps",
+    "small_data_epochs",
+    "validation_min_train",
+    "warmup_steps",
+    "checkpoint_steps",
+)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -89,12 +89,15 @@ def resolve_loss(cfg: config.TrainConfig, task: Task, head_start: str, validated
 def schedule_line(cfg: config.TrainConfig, rows: int, epochs: float, validated: bool, task: Task) -> str:
     """What the schedule is and why, in one line."""
     steps = planned_steps(rows, cfg)[2]
+    longer = cfg.loss == "contrastive" and cfg.small_data_epochs > cfg.epochs
     if cfg.max_steps:
         why = f"--max-steps {cfg.max_steps} ({epochs:.3g} epochs)"
-    elif epochs != cfg.epochs:
-        why = f"--epochs {cfg.epochs:g} raised to {epochs:.3g} to reach --min-steps {cfg.min_steps}"
-    else:
+    elif epochs == cfg.epochs:
         why = f"--epochs {cfg.epochs:g}"
+    elif longer and epochs == cfg.small_data_epochs:
+        why = f"--epochs {cfg.epochs:g} raised to --small-data-epochs {epochs:g} (the contrastive loss alone)"
+    else:
+        why = f"--epochs {cfg.epochs:g} raised to {epochs:.3g} to reach --min-steps {cfg.min_steps}"
     if validated:
         keep = f"the evaluation with the best validation {task.resolve_metric(cfg.metric)} is kept"
     else:

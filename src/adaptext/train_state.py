@@ -19,14 +19,20 @@ from adaptext.errors import AdaptextError
 
 
 def planned_epochs(n_train: int, cfg: TrainConfig) -> float:
-    """--epochs, raised on small data so that training takes at least --min-steps optimiser steps; with
-    --max-steps, exactly that many steps' worth of epochs."""
+    """--epochs, raised to --small-data-epochs when the loss is the contrastive loss alone (small data, no
+    validation split), then on small data so that training takes at least --min-steps optimiser steps; with
+    --max-steps, exactly that many steps' worth of epochs. ``cfg.loss`` is the resolved loss."""
     batches_per_epoch = max(math.ceil(n_train / cfg.batch_size), 1)
-    if getattr(cfg, "max_steps", 0):
+    if cfg.max_steps:
         return cfg.max_steps * cfg.grad_accum / batches_per_epoch
-    if cfg.epochs == 0 or not getattr(cfg, "min_steps", 0):
-        return cfg.epochs
-    return max(cfg.epochs, cfg.min_steps * cfg.grad_accum / batches_per_epoch)
+    if cfg.epochs == 0:
+        return 0
+    epochs = cfg.epochs
+    if cfg.loss == "contrastive" and cfg.small_data_epochs:
+        epochs = max(epochs, cfg.small_data_epochs)
+    if cfg.min_steps:
+        epochs = max(epochs, cfg.min_steps * cfg.grad_accum / batches_per_epoch)
+    return epochs
 
 
 def planned_steps(n_train: int, cfg: TrainConfig) -> tuple[int, int, int]:
