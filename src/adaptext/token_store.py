@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from adaptext.artifacts import write_json
+from adaptext.models import cache_dir
 from adaptext.windows import TextRows, Windowing
 
 FORMAT = 1
@@ -100,7 +101,7 @@ def cache_root() -> Path:
     """``$ADAPTEXT_TOKEN_CACHE``, else ``$ADAPTEXT_CACHE/tokens`` (default ``~/.cache/adaptext/tokens``)."""
     if os.environ.get("ADAPTEXT_TOKEN_CACHE"):
         return Path(os.environ["ADAPTEXT_TOKEN_CACHE"])
-    return Path(os.environ.get("ADAPTEXT_CACHE", Path.home() / ".cache" / "adaptext")) / "tokens"
+    return cache_dir() / "tokens"
 
 
 def cache_key(windowing: Windowing, tokenizer: Any, texts: Sequence[str]) -> str:
@@ -137,21 +138,45 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _in_memory(windowing: Windowing, tokenizer: Any, texts: Sequence[str]) -> TextRows:
-    dtype = token_dtype(tokenizer)
     flats, lengths, index = [], [], []
+    for flat, counts, text_index in _array_chunks(windowing, tokenizer, texts):
+        flats.append(flat)
+        lengths.append(counts)
+        index.append(text_index)
+    flat = np.concatenate(flats) if flats else np.zeros(0, token_dtype(tokenizer))
+    return _rows(flat, _offsets(lengths), index, len(texts), windowing.sliding)
+
+
+def _array_chunks(
+    windowing: Windowing, tokenizer: Any, texts: Sequence[str]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per block of texts (``Windowing.chunks``): its rows' ids end to end, tokens per row, and the text of
+    each row, as arrays."""
+    dtype = token_dtype(tokenizer)
     for ids, text_index in windowing.chunks(tokenizer, texts):
-        flats.append(np.fromiter(chain.from_iterable(ids), dtype=dtype))
-        lengths.append(np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids)))
-        index.append(np.asarray(text_index, dtype=np.int64))
-    return _rows(flats, lengths, index, len(texts), dtype, windowing.sliding)
+        yield (
+            np.fromiter(chain.from_iterable(ids), dtype=dtype),
+            np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids)),
+            np.asarray(text_index, dtype=np.int64),
+        )
 
 
-def _rows(flats: list, lengths: list, index: list, num_texts: int, dtype: np.dtype, sliding: bool) -> TextRows:
-    flat = np.concatenate(flats) if flats else np.zeros(0, dtype)
-    offsets = np.zeros(sum(len(n) for n in lengths) + 1, dtype=np.int64)
-    if len(offsets) > 1:
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    text_index = np.concatenate(index) if sliding and index else np.arange(num_texts, dtype=np.int64)
+def _offsets(lengths: list[np.ndarray]) -> np.ndarray:
+    """Where each row starts in the flat ids (and, last, where the ids end)."""
+    counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def _rows(flat: np.ndarray, offsets: np.ndarray, index: Any, num_texts: int, sliding: bool) -> TextRows:
+    """TextRows over flat ids; ``index`` (sliding windows: each row's text) as blocks or one array."""
+    if not sliding:
+        text_index = np.arange(num_texts, dtype=np.int64)
+    elif isinstance(index, list):
+        text_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    else:
+        text_index = index
     return TextRows(TokenRows(flat, offsets), text_index, num_texts)
 
 
@@ -163,18 +188,16 @@ def _build(entry: Path, windowing: Windowing, tokenizer: Any, texts: Sequence[st
     try:
         lengths, index = [], []
         with (staging / "ids.bin").open("wb") as out:
-            for ids, text_index in windowing.chunks(tokenizer, texts):
-                out.write(np.fromiter(chain.from_iterable(ids), dtype=dtype).tobytes())
-                lengths.append(np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids)))
-                index.append(np.asarray(text_index, dtype=np.int64))
-        counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
+            for flat, counts, text_index in _array_chunks(windowing, tokenizer, texts):
+                out.write(flat.tobytes())
+                lengths.append(counts)
+                index.append(text_index)
+        offsets = _offsets(lengths)
         np.save(staging / "offsets.npy", offsets)
         if windowing.sliding:
-            np.save(staging / "text_index.npy", np.concatenate(index) if index else np.zeros(0, np.int64))
+            np.save(staging / "text_index.npy", _rows(flat, offsets, index, len(texts), True).text_index)
         write_json(staging / "meta.json", {
-            "format": FORMAT, "texts": len(texts), "rows": len(counts), "tokens": int(offsets[-1]),
+            "format": FORMAT, "texts": len(texts), "rows": len(offsets) - 1, "tokens": int(offsets[-1]),
             "dtype": dtype.name, "windowing": windowing.describe(), "tokenizer": getattr(tokenizer, "name_or_path", ""),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })  # fmt: skip
@@ -204,7 +227,7 @@ def _open(entry: Path, num_texts: int) -> TextRows | None:
             return None
         flat = np.memmap(entry / "ids.bin", dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         sliding = (entry / "text_index.npy").exists()
-        text_index = np.load(entry / "text_index.npy", mmap_mode="r") if sliding else np.arange(num_texts)
+        text_index = np.load(entry / "text_index.npy", mmap_mode="r") if sliding else None
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None
-    return TextRows(TokenRows(flat, offsets), text_index, num_texts)
+    return _rows(flat, offsets, text_index, num_texts, sliding)

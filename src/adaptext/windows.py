@@ -76,8 +76,7 @@ class Windowing:
     def chunks(self, tokenizer: Any, texts: Sequence[str]) -> Iterator[tuple[list[list[int]], list[int]]]:
         """The rows of ``texts`` a block of texts at a time (the full encodings are heavy): each block's
         token ids and the index of the text each row came from."""
-        self.check(tokenizer)
-        before, after = special_token_split(tokenizer) if self.sliding else (0, 0)
+        before, after = self.check(tokenizer)
         budget = self.max_length - before - after  # text tokens per window
         # Decoder tokenizers add no special tokens, so "" becomes no tokens at all: give the model one.
         filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
@@ -100,10 +99,11 @@ class Windowing:
                     text_index.append(start + offset)
             yield ids, text_index
 
-    def check(self, tokenizer: Any) -> None:
-        """Sliding windows: refuse a --max-length or --stride that leaves a window no new text."""
+    def check(self, tokenizer: Any) -> tuple[int, int]:
+        """Sliding windows: refuse a --max-length or --stride that leaves a window no new text. Returns the
+        special tokens a window has before and after its text (0, 0 without windows)."""
         if not self.sliding:
-            return
+            return 0, 0
         before, after = special_token_split(tokenizer)
         budget = self.max_length - before - after
         if budget < 1:
@@ -117,6 +117,7 @@ class Windowing:
                 f"holds {budget} text tokens besides this tokenizer's {before + after} special tokens; "
                 f"pass a --stride below {budget}"
             )
+        return before, after
 
     def pool_logits(self, row_logits: np.ndarray, rows: TextRows) -> np.ndarray:
         """One row of logits per text: its windows' logits pooled (without windows, rows are texts)."""
